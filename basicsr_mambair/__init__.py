@@ -1,0 +1,14 @@
+"""MambaIR image-restoration networks as a BasicSR plugin.
+
+Importing this package registers its archs, datasets and models in BasicSR's registries. It
+never imports the optional CUDA packages ``mamba_ssm`` / ``causal_conv1d``.
+"""
+
+from .compat import alias_functional_tensor
+
+alias_functional_tensor()  # must precede the first `import basicsr`
+
+from . import archs, data, models  # noqa: E402,F401  (registration side effects)
+from .version import __version__  # noqa: E402
+
+__all__ = ['__version__']

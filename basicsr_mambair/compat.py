@@ -1,0 +1,118 @@
+"""Make BasicSR importable and usable on today's torch/torchvision and on machines without a GPU.
+
+BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17 and assumes CUDA in a few places of
+its training pipeline. Everything here is a small, targeted fix of one of those places; each is
+a no-op where BasicSR (e.g. its git master) already does the right thing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+
+def alias_functional_tensor() -> None:
+    """Provide ``torchvision.transforms.functional_tensor`` where it no longer exists.
+
+    BasicSR 1.4.2 imports ``rgb_to_grayscale`` from it (removed in torchvision 0.17); the same
+    function lives in ``torchvision.transforms.functional``. Must run before ``import basicsr``.
+    """
+    name = 'torchvision.transforms.functional_tensor'
+    if name in sys.modules:
+        return
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # torchvision itself missing: let basicsr report it
+        return
+    if not found:
+        import torchvision.transforms.functional as functional
+
+        sys.modules[name] = functional
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
+    """Initialise torch.distributed for ``--launcher pytorch|slurm`` with or without GPUs.
+
+    BasicSR's version always selects a CUDA device (ZeroDivisionError without one) and uses
+    nccl. Here: nccl with GPUs, gloo without.
+    """
+    import subprocess
+
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method('spawn')
+    use_cuda = cuda_available()
+    backend = backend or ('nccl' if use_cuda else 'gloo')
+    if launcher == 'pytorch':
+        rank = int(os.environ['RANK'])
+        local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    elif launcher == 'slurm':
+        rank = int(os.environ['SLURM_PROCID'])
+        ntasks = int(os.environ['SLURM_NTASKS'])
+        num_local = torch.cuda.device_count() if use_cuda else 1
+        local_rank = rank % num_local
+        port = kwargs.pop('port', None)
+        if port is not None:
+            os.environ['MASTER_PORT'] = str(port)
+        os.environ.setdefault('MASTER_PORT', '29500')
+        node_list = os.environ['SLURM_NODELIST']
+        os.environ['MASTER_ADDR'] = subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1')
+        os.environ['WORLD_SIZE'] = str(ntasks)
+        os.environ['LOCAL_RANK'] = str(local_rank)
+        os.environ['RANK'] = str(rank)
+    else:
+        raise ValueError(f'Invalid launcher type: {launcher}')
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def model_to_device(self, net):
+    """``BaseModel.model_to_device`` that also works on CPU under DDP.
+
+    BasicSR passes ``device_ids=[torch.cuda.current_device()]`` unconditionally; on CPU DDP must
+    be built without ``device_ids``.
+    """
+    import torch
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(self.device)
+    if self.opt['dist']:
+        find_unused = self.opt.get('find_unused_parameters', False)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+    elif self.opt['num_gpu'] > 1:
+        net = DataParallel(net)
+    return net
+
+
+_PATCHED = False
+
+
+def patch_basicsr() -> None:
+    """Install the CPU-safe pieces into BasicSR's pipeline (idempotent).
+
+    Called by our train/test entry points, not at package import, so merely importing the
+    plugin never changes BasicSR's behaviour.
+    """
+    global _PATCHED
+    if _PATCHED:
+        return
+    import basicsr.utils.dist_util as dist_util
+    import basicsr.utils.options as options
+    from basicsr.models.base_model import BaseModel
+
+    dist_util.init_dist = init_dist
+    options.init_dist = init_dist
+    BaseModel.model_to_device = model_to_device
+    _PATCHED = True

@@ -1,0 +1,46 @@
+"""basicsr-mambair: MambaIR image restoration as a BasicSR plugin (runs with or without a GPU)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / 'basicsr_mambair' / 'version.py').read_text(), version)
+
+setup(
+    name='basicsr-mambair',
+    version=version['__version__'],
+    description='MambaIR / MambaIRUNet image restoration as a BasicSR plugin, exact on CPU and GPU',
+    long_description=(here / 'README.md').read_text(encoding='utf-8'),
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    packages=find_packages(include=['basicsr_mambair', 'basicsr_mambair.*']),
+    include_package_data=True,
+    python_requires='>=3.9',
+    install_requires=[
+        'basicsr>=1.4.2',
+        'torch>=2.0',
+        'torchvision',
+        'einops',
+        'opencv-python',
+        'lmdb',
+        'tensorboard',
+        'scikit-image',
+        'pyyaml',
+        'tqdm',
+        'numpy',
+    ],
+    extras_require={
+        # The official CUDA selective-scan kernel; needs a CUDA toolchain (see README).
+        'cuda': ['mamba-ssm>=1.0.1', 'causal-conv1d>=1.0.0'],
+        'test': ['pytest>=7', 'ruff'],
+        'bench': ['mambapy'],
+    },
+    entry_points={
+        'console_scripts': [
+            'mambair-train=basicsr_mambair.launch:main_train',
+            'mambair-test=basicsr_mambair.launch:main_test',
+        ],
+    },
+)
