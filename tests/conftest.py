@@ -1,0 +1,70 @@
+"""Shared fixtures: single-threaded torch, locations of ../shared data, running our CLIs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('OMP_NUM_THREADS', '1')  # noisy shared cores: tests never race for threads
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('MAMBAIR_SHARED', REPO.parent / 'shared'))
+
+CONSOLE_SCRIPTS = {
+    'mambair-train': 'basicsr_mambair.train',
+    'mambair-test': 'basicsr_mambair.test',
+}
+
+
+@pytest.fixture(scope='session')
+def shared_data() -> Path:
+    """``../shared/data`` (real benchmark images); tests using it skip where it is absent."""
+    path = SHARED / 'data'
+    if not path.is_dir():
+        pytest.skip(f'benchmark data not found at {path} (set MAMBAIR_SHARED)')
+    return path
+
+
+@pytest.fixture(scope='session')
+def reference_dir() -> Path:
+    """``../shared/reference`` (tensors produced by the official implementation)."""
+    path = SHARED / 'reference'
+    if not path.is_dir():
+        pytest.skip(f'reference tensors not found at {path} (set MAMBAIR_SHARED)')
+    return path
+
+
+def cli_command(script: str) -> list[str]:
+    """The installed console script if this environment has it, else ``python -m`` its module."""
+    exe = Path(sys.executable).parent / script
+    if exe.is_file():
+        return [str(exe)]
+    return [sys.executable, '-m', CONSOLE_SCRIPTS[script]]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses: this checkout first on the path, one thread."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO), env.get('PYTHONPATH', '')]).rstrip(os.pathsep)
+    env['OMP_NUM_THREADS'] = '1'
+    env.update(extra)
+    return env
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: float = 600, check: bool = True,
+            **env: str) -> subprocess.CompletedProcess:
+    """Run one of our console scripts in ``cwd``; on failure show its output."""
+    proc = subprocess.run([*cli_command(script), *args], cwd=cwd, env=cli_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{script} {" ".join(args)} exited {proc.returncode}\n'
+                             f'--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}')
+    return proc
