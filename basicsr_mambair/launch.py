@@ -147,7 +147,6 @@ def load_resume_state(opt: dict):
     a state half-written when a run was killed does not block resuming from the previous one.
     """
     import torch
-    from basicsr.utils import get_root_logger
     from basicsr.utils.misc import check_resume
 
     candidates: list[str] = []
@@ -180,8 +179,7 @@ def load_resume_state(opt: dict):
             raise NothingToDo(f"experiment '{opt['name']}' already finished ({state['iter']}/{total} iterations); "
                               'nothing to resume')
         opt['path']['resume_state'] = state_path
-        check_resume(opt, state['iter'])
-        get_root_logger().info(f'Resuming from {state_path}')
+        check_resume(opt, state['iter'])  # BasicSR's logger is not set up yet: it must not be called here
         return state
     return None
 
@@ -222,8 +220,9 @@ def run(pipeline: Callable[[str], None], is_train: bool, argv: Sequence[str] | N
         return 130
     except Exception as e:  # noqa: BLE001 - the user gets one line; the details go to the log
         log_file = _log_file()
-        if log_file is not None:
-            logging.getLogger('basicsr').error(traceback.format_exc())
+        if log_file is not None:  # the file only: the console gets the one line below
+            with open(log_file, 'a') as f:
+                f.write(traceback.format_exc())
         if os.environ.get('MAMBAIR_TRACEBACK'):
             traceback.print_exc()
         where = f' (traceback in {log_file})' if log_file else ' (set MAMBAIR_TRACEBACK=1 for the traceback)'

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import basicsr_mambair  # noqa: F401  (before any `import basicsr`: torchvision alias for BasicSR 1.4.2)
+
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ class MambaIRModel(SRModel):
         # BasicSR 1.4.2 knows only Adam; any optimizer in torch.optim is accepted by name here.
         optim_cls = getattr(torch.optim, optim_type, None)
         if not (isinstance(optim_cls, type) and issubclass(optim_cls, torch.optim.Optimizer)):
-            raise ValueError(f"optim_g: unknown optimizer type '{optim_type}' (any torch.optim class, e.g. Adam, AdamW)")
+            raise ValueError(f"optim_g: unknown optimizer type '{optim_type}' (use a torch.optim class, e.g. AdamW)")
         return optim_cls(params, lr, **kwargs)
 
     def load_network(self, net, load_path: str, strict: bool = True, param_key: str | None = 'params') -> None:
