@@ -241,7 +241,7 @@ def main_train(argv: Sequence[str] | None = None) -> int:
 
 
 def main_test(argv: Sequence[str] | None = None) -> int:
-    """Console script ``mambair-test``."""
-    import basicsr.test
+    """Console script ``mambair-test``: BasicSR's test pipeline plus a results table."""
+    from .evaluation import test_pipeline
 
-    return run(basicsr.test.test_pipeline, is_train=False, argv=argv)
+    return run(test_pipeline, is_train=False, argv=argv)

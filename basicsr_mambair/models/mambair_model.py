@@ -1,18 +1,34 @@
-"""``MambaIRModel``: BasicSR's ``SRModel`` with safe checkpoint loading and every torch optimizer."""
+"""``MambaIRModel``: BasicSR's ``SRModel`` with tiled / self-ensemble testing and per-image results.
+
+Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving). What differs:
+
+- ``test()`` reads from the ``val`` options:
+  ``tile`` (LQ pixels; ``~`` = whole image), ``tile_overlap`` (default 32), ``tile_batch``
+  (tiles per forward, default 1), ``tile_mode`` (``blend``: overlapping tiles blended
+  linearly; ``official``: the official MambaIR tiling with hard seams, to reproduce published
+  numbers exactly) and ``self_ensemble`` (x8 flips/rotations). EMA weights are used when present.
+- validation keeps every image's metric values (``per_image_results``) for result tables.
+- checkpoints load with ``weights_only=True``; any ``torch.optim`` optimizer can be named.
+"""
 
 from __future__ import annotations
 
+import os.path as osp
 from copy import deepcopy
 
 import torch
+from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger
+from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
+from tqdm import tqdm
+
+from ..inference import forward_official_tiles, forward_self_ensemble, forward_tiled
 
 
 @MODEL_REGISTRY.register()
 class MambaIRModel(SRModel):
-    """Training exactly as ``SRModel``; see the methods for what differs."""
+    """See the module docstring."""
 
     def get_optimizer(self, optim_type: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
         # BasicSR 1.4.2 knows only Adam; any optimizer in torch.optim is accepted by name here.
@@ -34,3 +50,80 @@ class MambaIRModel(SRModel):
         load_net = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in deepcopy(load_net).items()}
         self._print_different_keys_loading(net, load_net, strict)
         net.load_state_dict(load_net, strict=strict)
+
+    # ------------------------------------------------------------------ testing
+    def _test_net(self) -> torch.nn.Module:
+        return self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+
+    def restore(self, lq: torch.Tensor) -> torch.Tensor:
+        """The configured inference (tiles, self-ensemble) on an LQ batch (B, C, H, W)."""
+        val_opt = self.opt.get('val') or {}
+        scale = self.opt.get('scale', 1)
+        net = self._test_net()
+        tile, mode = val_opt.get('tile'), val_opt.get('tile_mode', 'blend')
+        if mode not in ('blend', 'official'):
+            raise ValueError(f"val:tile_mode must be 'blend' or 'official', not '{mode}'")
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if mode == 'official':
+                return forward_official_tiles(net, x, scale)
+            if tile:
+                return forward_tiled(net, x, scale, int(tile), int(val_opt.get('tile_overlap', 32)),
+                                     int(val_opt.get('tile_batch', 1)))
+            return net(x)
+
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                return forward_self_ensemble(forward, lq) if val_opt.get('self_ensemble') else forward(lq)
+        finally:
+            net.train(was_training)
+
+    def test(self) -> None:
+        self.output = self.restore(self.lq)
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img: bool) -> None:
+        """BasicSR's validation loop, also keeping each image's metric values in ``per_image_results``."""
+        dataset_name = dataloader.dataset.opt['name']
+        val_opt = self.opt['val']
+        metrics_opt = val_opt.get('metrics') or {}
+        if metrics_opt:
+            self._initialize_best_metric_results(dataset_name)
+        rows: list[tuple[str, dict[str, float]]] = []
+        pbar = tqdm(total=len(dataloader.dataset), unit='image', desc=f'Test {dataset_name}',
+                    disable=not val_opt.get('pbar', not self.is_train))
+        for data in dataloader:
+            self.feed_data(data)
+            self.test()
+            for i, lq_path in enumerate(data['lq_path']):
+                img_name = osp.splitext(osp.basename(lq_path))[0]
+                sr_img = tensor2img([self.output[i].detach().cpu()])
+                if save_img:
+                    imwrite(sr_img, self._visualization_path(dataset_name, img_name, current_iter))
+                values = {}
+                if metrics_opt and hasattr(self, 'gt'):
+                    metric_data = dict(img=sr_img, img2=tensor2img([self.gt[i].detach().cpu()]))
+                    values = {name: float(calculate_metric(metric_data, opt_)) for name, opt_ in metrics_opt.items()}
+                rows.append((img_name, values))
+                pbar.update(1)
+            for attr in ('lq', 'gt', 'output'):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+        pbar.close()
+
+        if not hasattr(self, 'per_image_results'):
+            self.per_image_results = {}
+        self.per_image_results[dataset_name] = rows
+        if metrics_opt:
+            self.metric_results = {m: sum(v[m] for _, v in rows) / max(len(rows), 1) for m in metrics_opt}
+            for metric, value in self.metric_results.items():
+                self._update_best_metric_result(dataset_name, metric, value, current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+
+    def _visualization_path(self, dataset_name: str, img_name: str, current_iter) -> str:
+        vis = self.opt['path']['visualization']
+        if self.opt['is_train']:
+            return osp.join(vis, img_name, f'{img_name}_{current_iter}.png')
+        suffix = self.opt['val'].get('suffix') or self.opt['name']
+        return osp.join(vis, dataset_name, f'{img_name}_{suffix}.png')
