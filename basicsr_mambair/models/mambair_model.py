@@ -7,23 +7,32 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
   (tiles per forward, default 1), ``tile_mode`` (``blend``: overlapping tiles blended
   linearly; ``official``: the official MambaIR tiling with hard seams, to reproduce published
   numbers exactly) and ``self_ensemble`` (x8 flips/rotations). EMA weights are used when present.
+  ``window_size`` (as in Restormer-style options) reflect-pads the input to a multiple of it
+  and crops the output back.
 - validation keeps every image's metric values (``per_image_results``) for result tables.
+- a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
 - checkpoints load with ``weights_only=True``; any ``torch.optim`` optimizer can be named.
 """
 
 from __future__ import annotations
 
 import os.path as osp
+from collections import OrderedDict
 from copy import deepcopy
 
 import torch
+import torch.distributed as dist
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
-from ..inference import forward_official_tiles, forward_self_ensemble, forward_tiled
+from ..inference import forward_official_tiles, forward_self_ensemble, forward_tiled, pad_to_multiple
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; continuing would only write broken checkpoints."""
 
 
 @MODEL_REGISTRY.register()
@@ -51,6 +60,52 @@ class MambaIRModel(SRModel):
         self._print_different_keys_loading(net, load_net, strict)
         net.load_state_dict(load_net, strict=strict)
 
+    # ----------------------------------------------------------------- training
+    def prepare_batch(self, current_iter: int) -> None:
+        """Hook to change ``self.lq``/``self.gt`` before the training forward (augmentations)."""
+
+    def clip_gradients(self) -> None:
+        """Hook called between ``backward`` and the optimizer step."""
+
+    def compute_losses(self) -> tuple[torch.Tensor, OrderedDict]:
+        """Total loss and its named terms for ``self.output`` against ``self.gt`` (as ``SRModel``)."""
+        l_total = 0
+        loss_dict = OrderedDict()
+        if self.cri_pix:
+            l_pix = self.cri_pix(self.output, self.gt)
+            l_total += l_pix
+            loss_dict['l_pix'] = l_pix
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            for name, term in (('l_percep', l_percep), ('l_style', l_style)):
+                if term is not None:
+                    l_total += term
+                    loss_dict[name] = term
+        return l_total, loss_dict
+
+    def check_finite(self, loss: torch.Tensor, current_iter: int) -> None:
+        finite = torch.isfinite(loss.detach()).all().float()
+        if self.opt['dist']:  # every rank must stop together, or the others hang in backward
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise NonFiniteLossError(
+                f'non-finite loss ({loss.item()}) at iteration {current_iter} of {self.opt["name"]}; training stopped, '
+                f'checkpoints so far are in {self.opt["path"]["models"]} (lower train:optim_g:lr or check the data)')
+
+    def optimize_parameters(self, current_iter: int) -> None:
+        """``SRModel``'s step with the hooks above and a check for a non-finite loss."""
+        self.prepare_batch(current_iter)
+        self.optimizer_g.zero_grad()
+        self.output = self.net_g(self.lq)
+        l_total, loss_dict = self.compute_losses()
+        self.check_finite(l_total, current_iter)
+        l_total.backward()
+        self.clip_gradients()
+        self.optimizer_g.step()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
     # ------------------------------------------------------------------ testing
     def _test_net(self) -> torch.nn.Module:
         return self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
@@ -64,13 +119,19 @@ class MambaIRModel(SRModel):
         if mode not in ('blend', 'official'):
             raise ValueError(f"val:tile_mode must be 'blend' or 'official', not '{mode}'")
 
+        multiple = int(val_opt.get('window_size') or 1)
+
         def forward(x: torch.Tensor) -> torch.Tensor:
+            h, w = x.shape[-2:]
+            x, _, _ = pad_to_multiple(x, multiple)
             if mode == 'official':
-                return forward_official_tiles(net, x, scale)
-            if tile:
-                return forward_tiled(net, x, scale, int(tile), int(val_opt.get('tile_overlap', 32)),
-                                     int(val_opt.get('tile_batch', 1)))
-            return net(x)
+                out = forward_official_tiles(net, x, scale)
+            elif tile:
+                out = forward_tiled(net, x, scale, int(tile), int(val_opt.get('tile_overlap', 32)),
+                                    int(val_opt.get('tile_batch', 1)))
+            else:
+                out = net(x)
+            return out[..., :h * scale, :w * scale]
 
         was_training = net.training
         net.eval()
