@@ -199,3 +199,13 @@ def test_ddp_on_cpu_with_torchrun(tmp_path, sr_data):
     assert sorted(p.name for p in (exp / 'training_states').iterdir()) == ['6.state']
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('experiments_') or '_archived_' in p.name]
     assert os.listdir(tmp_path / 'experiments') == ['ddp']
+
+
+def test_non_finite_loss_stops_with_clear_error(tmp_path, sr_data):
+    hr, lr = sr_data
+    opt = sr_train_options('diverges', hr, lr, TINY_NETWORK, total_iter=30, save_freq=5, val_freq=1000)
+    opt['train']['optim_g'] = dict(type='SGD', lr=1e30)  # any torch.optim optimizer is accepted
+    proc = run_cli('mambair-train', '-opt', str(write_options(tmp_path / 'nan.yml', opt)), cwd=tmp_path, check=False)
+    line = _error_line(proc, only_line=False)
+    assert 'non-finite loss' in line and 'at iteration' in line, line
+    assert not (tmp_path / 'experiments' / 'diverges' / 'models' / 'net_g_latest.pth').exists()
