@@ -30,6 +30,7 @@ setup(
         'pyyaml',
         'tqdm',
         'numpy',
+        'scipy',
     ],
     extras_require={
         # The official CUDA selective-scan kernel; needs a CUDA toolchain (see README).
@@ -41,6 +42,7 @@ setup(
         'console_scripts': [
             'mambair-train=basicsr_mambair.launch:main_train',
             'mambair-test=basicsr_mambair.launch:main_test',
+            'mambair-prepare-sidd=basicsr_mambair.tools.prepare_sidd:main',
         ],
     },
 )

@@ -23,6 +23,7 @@ SHARED = Path(os.environ.get('MAMBAIR_SHARED', REPO.parent / 'shared'))
 CONSOLE_SCRIPTS = {
     'mambair-train': 'basicsr_mambair.train',
     'mambair-test': 'basicsr_mambair.test',
+    'mambair-prepare-sidd': 'basicsr_mambair.tools.prepare_sidd',
 }
 
 

@@ -1,0 +1,1 @@
+"""Data-preparation command-line tools (console scripts ``mambair-*``)."""
