@@ -89,6 +89,26 @@ def read_option_file(path: str) -> dict:
     return opt
 
 
+def apply_overrides(opt: dict, entries: Sequence[str] | None) -> dict:
+    """Apply ``--force_yml key:sub=value`` entries as BasicSR will, so checks see the final options."""
+    from basicsr.utils.options import _postprocess_yml_value
+
+    for entry in entries or ():
+        if '=' not in entry:
+            raise OptionError(f"--force_yml entries look like key:sub=value, got '{entry}'")
+        keys, value = (part.strip() for part in entry.split('=', 1))
+        node = opt
+        *parents, last = keys.split(':')
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise OptionError(f"--force_yml {entry}: no option '{key}' to update (new keys cannot be created)")
+            node = node[key]
+        if last not in node:
+            raise OptionError(f"--force_yml {entry}: no option '{last}' to update (new keys cannot be created)")
+        node[last] = _postprocess_yml_value(value)
+    return opt
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -205,7 +225,7 @@ def run(pipeline: Callable[[str], None], is_train: bool, argv: Sequence[str] | N
     parser = build_parser(is_train)
     args = parser.parse_args(argv)
     try:
-        opt = read_option_file(args.opt)
+        opt = apply_overrides(read_option_file(args.opt), args.force_yml)
         check_options(opt, args.opt, is_train)
         from . import compat
 

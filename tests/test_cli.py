@@ -86,12 +86,12 @@ def test_help_describes_the_command(tmp_path):
     assert 'experiments/<name>' in out
 
 
-def _error_line(proc: subprocess.CompletedProcess, only_line: bool = True) -> str:
+def _error_line(proc: subprocess.CompletedProcess, only_line: bool = True, prog: str = 'mambair-train') -> str:
     """The error line: the last line on stderr (the only one for errors found before the run starts)."""
     assert proc.returncode != 0
     assert 'Traceback' not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith('mambair-train: error: '), proc.stderr
+    assert lines and lines[-1].startswith(f'{prog}: error: '), proc.stderr
     if only_line:
         assert len(lines) == 1, proc.stderr
     return lines[-1]
@@ -136,9 +136,17 @@ def test_training_run_writes_everything_under_cwd(tmp_path, sr_data):
     # the trained checkpoint through the test pipeline: results go to ./results/<name>
     test_opt = {k: v for k, v in sr_train_options('tiny_test', hr, lr, TINY_NETWORK).items() if k != 'train'}
     test_opt['datasets'] = {'test_1': test_opt['datasets']['val']}
-    test_opt['path'] = dict(pretrain_network_g=str(exp / 'models' / 'net_g_latest.pth'), strict_load_g=True)
+    test_opt['path'] = dict(pretrain_network_g='experiments/pretrained_models/not_downloaded.pth', strict_load_g=True)
     test_opt['val'] = dict(test_opt['val'], save_img=True, suffix=None)
-    run_cli('mambair-test', '-opt', str(write_options(tmp_path / 'test.yml', test_opt)), cwd=tmp_path)
+    test_yml = write_options(tmp_path / 'test.yml', test_opt)
+    line = _error_line(run_cli('mambair-test', '-opt', str(test_yml), cwd=tmp_path, check=False), prog='mambair-test')
+    assert 'path:pretrain_network_g not found: experiments/pretrained_models/not_downloaded.pth' in line
+    line = _error_line(run_cli('mambair-test', '-opt', str(test_yml), '--force_yml', 'path:no_such_key=1',
+                               cwd=tmp_path, check=False), prog='mambair-test')
+    assert "no option 'no_such_key' to update" in line
+    # any checkpoint through a test option file: --force_yml path:pretrain_network_g=...
+    run_cli('mambair-test', '-opt', str(test_yml), '--force_yml',
+            f"path:pretrain_network_g={exp / 'models' / 'net_g_latest.pth'}", cwd=tmp_path)
     assert len(list((tmp_path / 'results' / 'tiny_test' / 'visualization' / 'val').glob('*.png'))) == 8
 
 
