@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os.path as osp
 from collections import OrderedDict
-from copy import deepcopy
 
 import torch
 import torch.distributed as dist
@@ -29,6 +28,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from ..inference import forward_official_tiles, forward_self_ensemble, forward_tiled, pad_to_multiple
+from ..utils.checkpoint import load_checked, read_state_dict
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,18 +47,18 @@ class MambaIRModel(SRModel):
         return optim_cls(params, lr, **kwargs)
 
     def load_network(self, net, load_path: str, strict: bool = True, param_key: str | None = 'params') -> None:
-        """BasicSR's ``load_network`` with ``weights_only=True``."""
+        """BasicSR's ``load_network``, safe and explicit.
+
+        Reads with ``weights_only=True`` (pickled code is refused), takes ``param_key`` (falling back to
+        ``params`` as BasicSR does, or a bare state dict), strips ``module.``. A checkpoint that does not fit
+        raises one error naming the config difference and the keys; with ``strict=False`` mismatched shapes
+        are skipped with a warning (BasicSR's convention, used to fine-tune x3/x4 from x2).
+        """
         logger = get_root_logger()
         net = self.get_bare_model(net)
-        load_net = torch.load(load_path, map_location='cpu', weights_only=True)
-        if param_key is not None:
-            if param_key not in load_net and 'params' in load_net:
-                param_key = 'params'
-            load_net = load_net[param_key]
+        state_dict = read_state_dict(load_path, param_key, logger=logger)
         logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
-        load_net = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in deepcopy(load_net).items()}
-        self._print_different_keys_loading(net, load_net, strict)
-        net.load_state_dict(load_net, strict=strict)
+        load_checked(net, state_dict, strict=strict, source=load_path, logger=logger)
 
     # ----------------------------------------------------------------- training
     def prepare_batch(self, current_iter: int) -> None:

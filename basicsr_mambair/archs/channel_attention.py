@@ -1,0 +1,79 @@
+"""Channel attention (RCAN style) and the convolutional branch ``CAB`` of every MambaIR block.
+
+Parameter names and shapes follow the official code so that checkpoints load with strict=True:
+``ChannelAttention`` keys ``attention.1.*`` / ``attention.3.*``; ``CAB`` keys ``cab.{i}.*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation: ``x * sigmoid(W2 relu(W1 avgpool(x)))``.
+
+    Args:
+        num_feat: channels C.
+        squeeze_factor: hidden width is ``C // squeeze_factor``.
+    """
+
+    def __init__(self, num_feat: int, squeeze_factor: int = 16) -> None:
+        super().__init__()
+        hidden = num_feat // squeeze_factor
+        # Indices 0..4 are part of the checkpoint key names (attention.1 / attention.3).
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(num_feat, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_feat, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return x * self.attention(x)
+
+
+class CAB(nn.Module):
+    """Channel-attention block: the local (convolutional) branch of a VSSBlock.
+
+    Two variants, selected by ``is_light_sr``:
+
+    * classic (SR / DN / CAR / UNet): conv3x3 C->C/compress_ratio, GELU, conv3x3 ->C, channel attention.
+    * light (light SR, the Oct-2024 code the current light weights belong to): ``compress_ratio`` is forced
+      to 2 and the branch is conv1x1 C->C/2, depthwise conv3x3, GELU, conv1x1 ->C, dilated (2) depthwise
+      conv3x3, channel attention -- a large receptive field for few parameters.
+
+    Args:
+        num_feat: channels C.
+        is_light_sr: choose the light variant.
+        compress_ratio: hidden width divisor of the classic variant.
+        squeeze_factor: channel-attention squeeze factor.
+    """
+
+    def __init__(self, num_feat: int, is_light_sr: bool = False, compress_ratio: int = 3,
+                 squeeze_factor: int = 30) -> None:
+        super().__init__()
+        if is_light_sr:
+            hidden = num_feat // 2
+            self.cab = nn.Sequential(
+                nn.Conv2d(num_feat, hidden, 1),
+                nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
+                nn.GELU(),
+                nn.Conv2d(hidden, num_feat, 1),
+                nn.Conv2d(num_feat, num_feat, 3, padding=2, dilation=2, groups=num_feat),
+                ChannelAttention(num_feat, squeeze_factor),
+            )
+        else:
+            hidden = num_feat // compress_ratio
+            self.cab = nn.Sequential(
+                nn.Conv2d(num_feat, hidden, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(hidden, num_feat, 3, padding=1),
+                ChannelAttention(num_feat, squeeze_factor),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        return self.cab(x)

@@ -1,0 +1,201 @@
+"""SS2D: the 2-D selective-scan module of MambaIR / MambaIRUNet (a VSSBlock's global branch).
+
+A feature map is read as four 1-D sequences -- row-major, column-major and both reversed -- each
+scanned by its own selective state-space model (Mamba's S6); the four outputs are mapped back to
+the image grid and summed. The four scans are batched into one ``selective_scan`` call: channel
+block ``k*d_inner:(k+1)*d_inner`` belongs to direction ``k`` (B/C have 4 groups).
+
+Parameter names, shapes and initialisation follow the official ``SS2D`` so that the released
+checkpoints load with strict=True (spec 1.5):
+
+===================  =============================  =======================================
+key                  shape                          init
+===================  =============================  =======================================
+``in_proj.weight``   (2*d_inner, d_model)           nn.Linear default (MambaIR re-inits it)
+``conv2d.*``         (d_inner, 1, k, k), (d_inner)  nn.Conv2d default (depthwise)
+``x_proj_weight``    (4, dt_rank + 2N, d_inner)     nn.Linear default, per direction
+``dt_projs_weight``  (4, d_inner, dt_rank)          U(+-dt_rank^-0.5 * dt_scale)
+``dt_projs_bias``    (4, d_inner)                   softplus^-1 of log-uniform dt in [dt_min, dt_max]
+``A_logs``           (4*d_inner, N)                 log(1..N) (S4D-real)
+``Ds``               (4*d_inner,)                   ones
+``out_norm.*``       (d_inner,)                     LayerNorm
+``out_proj.weight``  (d_model, d_inner)             nn.Linear default
+===================  =============================  =======================================
+
+with ``d_inner = int(expand * d_model)`` and ``dt_rank = ceil(d_model / 16)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basicsr_mambair.ops import selective_scan
+
+NUM_DIRECTIONS = 4
+
+
+def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """A context in which autocast is off for ``device_type`` (a no-op where autocast does not exist)."""
+    is_available = getattr(torch.amp, 'is_autocast_available', None)
+    if is_available is not None and not is_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """Unfold a feature map into the four scan orders.
+
+    Args:
+        x: (B, D, H, W).
+
+    Returns:
+        (B, 4, D, H*W): [row-major, column-major, reversed row-major, reversed column-major]; position
+        ``h*W + w`` of direction 0 and ``w*H + h`` of direction 1 hold ``x[..., h, w]``.
+    """
+    b, d, h, w = x.shape
+    xs = x.new_empty(b, NUM_DIRECTIONS, d, h * w)
+    # Two strided copies straight into the output (no stack/cat temporaries), then one flip for both
+    # reversed orders; torch has no negative strides, so the flip must materialise once.
+    xs[:, 0].view(b, d, h, w).copy_(x)
+    xs[:, 1].view(b, d, w, h).copy_(x.transpose(2, 3))
+    xs[:, 2:].copy_(xs[:, :2].flip(-1))
+    return xs
+
+
+def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Fold the four scan outputs back onto the grid and sum them (inverse of :func:`cross_scan`).
+
+    Args:
+        ys: (B, 4, D, H*W) in the direction order of :func:`cross_scan`.
+        h, w: the grid size.
+
+    Returns:
+        (B, H, W, D) channels-last sum of the four directions, contiguous.
+    """
+    b, _, d, _ = ys.shape
+    # Undo both reversals in one flip, then bring the column-major half back to row-major.
+    y = ys[:, :2] + ys[:, 2:].flip(-1)  # (B, 2, D, L)
+    y_rows = y[:, 0].view(b, d, h, w).permute(0, 2, 3, 1)  # (B, H, W, D) views
+    y_cols = y[:, 1].view(b, d, w, h).permute(0, 3, 2, 1)
+    return (y_rows + y_cols).contiguous()
+
+
+class SS2D(nn.Module):
+    """2-D selective scan over four directions, gated by ``silu(z)`` (spec 1.5).
+
+    Args:
+        d_model: input/output channels C.
+        d_state: SSM state size N.
+        d_conv: depthwise conv kernel size.
+        expand: ``d_inner = int(expand * d_model)``.
+        dt_rank: rank of the dt projection; ``'auto'`` = ``ceil(d_model / 16)``.
+        dt_min, dt_max: range of the initial step sizes (log-uniform).
+        dt_init: ``'random'`` (uniform dt projection weights) or ``'constant'``.
+        dt_scale: scale of the dt projection init.
+        dt_init_floor: lower clamp of the initial step size.
+        dropout: dropout on the output (no module when 0, as officially).
+        conv_bias: bias of the depthwise conv.
+        bias: bias of ``in_proj`` / ``out_proj``.
+        device, dtype: factory arguments for the parameters.
+        **kwargs: ignored (the official block forwards e.g. ``input_resolution`` here).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 3, expand: float = 2.0,
+                 dt_rank: int | str = 'auto', dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = 'random',
+                 dt_scale: float = 1.0, dt_init_floor: float = 1e-4, dropout: float = 0.0, conv_bias: bool = True,
+                 bias: bool = False, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 **kwargs) -> None:
+        super().__init__()
+        factory = {'device': device, 'dtype': dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == 'auto' else int(dt_rank)
+        k, d, r, n = NUM_DIRECTIONS, self.d_inner, self.dt_rank, d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * d, bias=bias, **factory)
+        self.conv2d = nn.Conv2d(d, d, d_conv, padding=(d_conv - 1) // 2, groups=d, bias=conv_bias, **factory)
+        # Per-direction projections kept as stacked raw parameters: these are the checkpoint's names.
+        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d, **factory))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r, **factory))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d, **factory))
+        # A and D are flattened over directions (4*d_inner rows), unlike the three above.
+        self.A_logs = nn.Parameter(torch.empty(k * d, n, device=device, dtype=torch.float32))
+        self.Ds = nn.Parameter(torch.empty(k * d, device=device, dtype=torch.float32))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+        self.out_norm = nn.LayerNorm(d, **factory)
+        self.out_proj = nn.Linear(d, d_model, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0.0 else None
+
+        self._reset_ssm_parameters(dt_scale, dt_init, dt_min, dt_max, dt_init_floor)
+
+    @torch.no_grad()
+    def _reset_ssm_parameters(self, dt_scale: float, dt_init: str, dt_min: float, dt_max: float,
+                              dt_init_floor: float) -> None:
+        """Official initialisation of the raw SSM parameters (the Linear/Conv/LN ones use torch defaults)."""
+        for weight in self.x_proj_weight:  # what nn.Linear(d_inner, R + 2N, bias=False) would draw
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        std = self.dt_rank ** -0.5 * dt_scale
+        if dt_init == 'constant':
+            nn.init.constant_(self.dt_projs_weight, std)
+        elif dt_init == 'random':
+            nn.init.uniform_(self.dt_projs_weight, -std, std)
+        else:
+            raise ValueError(f"SS2D: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        # Step sizes log-uniform in [dt_min, dt_max]; the bias is their inverse softplus so that
+        # softplus(bias) reproduces them at the first forward.
+        rand = torch.rand(self.dt_projs_bias.shape, device=self.dt_projs_bias.device)
+        dt = torch.exp(rand * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, d_model) channels-last -> (B, H, W, d_model)."""
+        b, h, w, _ = x.shape
+        length = h * w
+        k, n = NUM_DIRECTIONS, self.d_state
+
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) each; z is the output gate
+        u = F.silu(self.conv2d(u.permute(0, 3, 1, 2)))  # (B, d_inner, H, W)
+
+        xs = cross_scan(u)  # (B, 4, d_inner, L)
+        x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, 4, R + 2N, L)
+        dts, bs, cs = torch.split(x_dbl, [self.dt_rank, n, n], dim=2)
+        dts = torch.matmul(self.dt_projs_weight, dts)  # (B, 4, d_inner, L)
+
+        # The scan always runs in float32, also under fp16/bf16 autocast or in a half-precision model:
+        # exp(dt * A) and the long recurrence lose too much in 16 bits (the official CUDA call is fp32 too).
+        with _autocast_disabled(x.device.type):
+            ys = selective_scan(
+                xs.float().view(b, -1, length),
+                dts.float().view(b, -1, length),
+                -torch.exp(self.A_logs.float()),
+                bs.float(),
+                cs.float(),
+                self.Ds.float(),
+                z=None,
+                delta_bias=self.dt_projs_bias.float().view(-1),
+                delta_softplus=True,
+                return_last_state=False,
+            ).view(b, k, -1, length)
+            y = cross_merge(ys.float(), h, w)  # (B, H, W, d_inner), summed in float32
+        # Back to the parameters' precision (a no-op for fp32 models, also under autocast, where
+        # the following LayerNorm runs in fp32 anyway).
+        y = y.to(self.out_norm.weight.dtype)
+        y = self.out_norm(y) * F.silu(z)
+        out = self.out_proj(y)
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f'd_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}'

@@ -1,0 +1,217 @@
+"""Checkpoint handling: safe reading, config inference from keys/shapes, explanatory loading errors."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import basicsr_mambair  # noqa: F401  (registers the archs)
+from basicsr_mambair.archs.mambair_arch import MambaIR
+from basicsr_mambair.models.mambair_model import MambaIRModel
+from basicsr_mambair.presets import PRESETS
+from basicsr_mambair.utils.checkpoint import CheckpointError, infer_config, load_checked, read_state_dict
+
+TINY_REFERENCES = ['mambair_lightSR_x2.pt', 'tiny_mambair_CAR.pt', 'tiny_mambair_classicSR_x2.pt',
+                   'tiny_mambair_classicSR_x3.pt', 'tiny_mambair_colorDN.pt', 'tiny_mambairunet.pt']
+
+
+
+def arch_class(arch_type: str) -> type[torch.nn.Module]:
+    """The class registered in BasicSR's ARCH_REGISTRY (what option files build)."""
+    # Imported here: `import basicsr` must follow `import basicsr_mambair` (its torchvision alias), and
+    # import sorting would put it first at the top of the module.
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    return ARCH_REGISTRY.get(arch_type)
+
+def with_defaults(arch_type: str, kwargs: dict) -> dict:
+    """Constructor defaults overridden by ``kwargs`` (tuples as lists, as in option files)."""
+    params = inspect.signature(arch_class(arch_type)).parameters.values()
+    full = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    full.update(kwargs)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
+
+
+def assert_inferred(state_dict: dict, arch_type: str, kwargs: dict) -> None:
+    inferred_type, inferred = infer_config(state_dict)
+    assert inferred_type == arch_type
+    expected = with_defaults(arch_type, kwargs)
+    assert inferred == {k: expected[k] for k in inferred}
+
+
+@pytest.fixture(scope='module')
+def x2_reference(reference_dir: Path) -> dict:
+    return torch.load(reference_dir / 'tiny_mambair_classicSR_x2.pt', weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- infer_config
+
+
+@pytest.mark.parametrize('name', list(PRESETS))
+def test_infer_config_of_every_preset(name: str) -> None:
+    preset = PRESETS[name]
+    net = arch_class(preset.arch_type)(**preset.kwargs)
+    assert_inferred(net.state_dict(), preset.arch_type, preset.kwargs)
+
+
+@pytest.mark.parametrize('name', TINY_REFERENCES)
+def test_infer_config_of_reference_checkpoints(reference_dir: Path, name: str) -> None:
+    ref = torch.load(reference_dir / name, weights_only=True)
+    assert_inferred(ref['state_dict'], ref['arch_type'], ref['kwargs'])
+
+
+def test_infer_config_round_trips_unusual_configs() -> None:
+    kwargs = {'in_chans': 1, 'embed_dim': 48, 'depths': [1, 2, 1], 'd_state': 6, 'mlp_ratio': 1.5, 'upscale': 8,
+              'upsampler': 'pixelshuffle', 'resi_connection': '3conv', 'patch_norm': False}
+    assert_inferred(MambaIR(**kwargs).state_dict(), 'MambaIR', kwargs)
+
+
+def test_infer_config_names_inconsistent_keys(x2_reference: dict) -> None:
+    sd = dict(x2_reference['state_dict'])
+    sd['layers.1.residual_group.blocks.1.self_attention.A_logs'] = torch.zeros(4 * 72, 8)
+    with pytest.raises(CheckpointError, match=r'layers\.1\.residual_group\.blocks\.1.*x_proj_weight'):
+        infer_config(sd)
+    with pytest.raises(CheckpointError, match='not a MambaIR-family state dict'):
+        infer_config({'conv.weight': torch.zeros(1)})
+
+
+def test_infer_config_recognises_old_light_checkpoints() -> None:
+    """A Mar-2024 light model (classic CAB + pixelshuffledirect) cannot be loaded by the current code: say so."""
+    net = MambaIR(embed_dim=36, depths=[1], upscale=2, upsampler='pixelshuffle')
+    sd = {k: v for k, v in net.state_dict().items() if not k.startswith(('conv_before_upsample', 'upsample',
+                                                                          'conv_last'))}
+    sd['upsample.0.weight'] = torch.zeros(12, 36, 3, 3)
+    with pytest.raises(CheckpointError, match='before Oct 2024'):
+        infer_config(sd)
+
+
+# ---------------------------------------------------------------------------------------------- load_checked
+
+
+def test_load_checked_loads_a_fitting_checkpoint(x2_reference: dict) -> None:
+    net = MambaIR(**x2_reference['kwargs'])
+    report = load_checked(net, x2_reference['state_dict'])
+    assert report.ok
+    assert all(torch.equal(v, x2_reference['state_dict'][k]) for k, v in net.state_dict().items())
+
+
+def test_load_checked_names_another_embed_dim(x2_reference: dict) -> None:
+    net = MambaIR(**{**x2_reference['kwargs'], 'embed_dim': 48})
+    with pytest.raises(CheckpointError) as info:
+        load_checked(net, x2_reference['state_dict'], source='x2.pth')
+    message = str(info.value)
+    assert 'embed_dim: 36 in checkpoint, 48 in network options' in message
+    assert 'x2.pth' in message and 'wrongly shaped keys' in message and 'conv_first.weight' in message
+    assert 'more)' in message  # long lists are truncated
+
+
+def test_load_checked_names_another_upscale(x2_reference: dict) -> None:
+    net = MambaIR(**{**x2_reference['kwargs'], 'upscale': 4})
+    with pytest.raises(CheckpointError) as info:
+        load_checked(net, x2_reference['state_dict'])
+    message = str(info.value)
+    assert 'upscale: 2 in checkpoint, 4 in network options' in message
+    assert 'missing keys (2): upsample.2.weight, upsample.2.bias' in message
+
+
+def test_load_checked_names_a_unet_checkpoint_in_mambair(reference_dir: Path, x2_reference: dict) -> None:
+    unet = torch.load(reference_dir / 'tiny_mambairunet.pt', weights_only=True)['state_dict']
+    with pytest.raises(CheckpointError, match='the checkpoint is a MambaIRUNet checkpoint, the network is MambaIR'):
+        load_checked(MambaIR(**x2_reference['kwargs']), unet)
+
+
+def test_load_checked_non_strict_skips_wrong_shapes(x2_reference: dict, caplog: pytest.LogCaptureFixture) -> None:
+    """BasicSR's strict_load_g: false -- how the x3 model starts from the x2 weights."""
+    net = MambaIR(**{**x2_reference['kwargs'], 'upscale': 3})
+    before = net.upsample[0].weight.clone()
+    with caplog.at_level(logging.WARNING, logger='basicsr'):
+        report = load_checked(net, x2_reference['state_dict'], strict=False)
+    assert [k for k, _, _ in report.mismatched] == ['upsample.0.weight', 'upsample.0.bias']
+    assert torch.equal(net.upsample[0].weight, before)
+    assert torch.equal(net.conv_first.weight, x2_reference['state_dict']['conv_first.weight'])
+    assert 'upscale: 2 in checkpoint, 3 in network options' in caplog.text
+    assert 'Size mismatch for upsample.0.weight' in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- read_state_dict
+
+
+def small_state_dict() -> dict:
+    return {'conv.weight': torch.arange(6.0).view(2, 3), 'conv.bias': torch.ones(2)}
+
+
+@pytest.mark.parametrize('layout', ['params', 'bare', 'module'])
+def test_read_state_dict_layouts(tmp_path: Path, layout: str) -> None:
+    sd = small_state_dict()
+    content = {'params': sd} if layout == 'params' else sd
+    if layout == 'module':
+        content = {'params': {f'module.{k}': v for k, v in sd.items()}}
+    torch.save(content, tmp_path / 'ckpt.pth')
+    out = read_state_dict(tmp_path / 'ckpt.pth')
+    assert list(out) == list(sd) and all(torch.equal(out[k], sd[k]) for k in sd)
+
+
+def test_read_state_dict_params_ema(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sd, ema = small_state_dict(), {k: v + 1 for k, v in small_state_dict().items()}
+    torch.save({'params': sd, 'params_ema': ema}, tmp_path / 'both.pth')
+    assert torch.equal(read_state_dict(tmp_path / 'both.pth', 'params_ema')['conv.bias'], ema['conv.bias'])
+    assert torch.equal(read_state_dict(tmp_path / 'both.pth')['conv.bias'], sd['conv.bias'])
+    torch.save({'params': sd}, tmp_path / 'plain.pth')
+    with caplog.at_level(logging.INFO, logger='basicsr'):
+        assert torch.equal(read_state_dict(tmp_path / 'plain.pth', 'params_ema')['conv.bias'], sd['conv.bias'])
+    assert 'params_ema does not exist, use params' in caplog.text
+    torch.save({'net': sd}, tmp_path / 'other.pth')
+    with pytest.raises(CheckpointError, match="no state dict under 'params'.*'net'"):
+        read_state_dict(tmp_path / 'other.pth')
+
+
+class _Payload:
+    """Unpickling this would create a file (stands for arbitrary code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_read_state_dict_refuses_pickled_code(tmp_path: Path) -> None:
+    marker = tmp_path / 'payload-ran'
+    torch.save({'params': small_state_dict(), 'extra': _Payload(marker)}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match='refusing to load .*evil.pth.*arbitrary code') as info:
+        read_state_dict(tmp_path / 'evil.pth')
+    assert 'mkdir' in str(info.value)  # names what it refused
+    assert not marker.exists()
+
+
+def test_read_state_dict_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        read_state_dict(tmp_path / 'absent.pth')
+    torch.save({'params': {'w': torch.zeros(1000)}}, tmp_path / 'ok.pth')
+    data = (tmp_path / 'ok.pth').read_bytes()
+    (tmp_path / 'truncated.pth').write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        read_state_dict(tmp_path / 'truncated.pth')
+    (tmp_path / 'text.pth').write_text('not a checkpoint')
+    with pytest.raises(CheckpointError, match='truncated or corrupt'):
+        read_state_dict(tmp_path / 'text.pth')
+
+
+# ---------------------------------------------------------------------------------------------- MambaIRModel
+
+
+def test_model_load_network_uses_the_checked_loader(tmp_path: Path, x2_reference: dict) -> None:
+    path = tmp_path / 'net_g.pth'
+    torch.save({'params': {f'module.{k}': v for k, v in x2_reference['state_dict'].items()}}, path)
+    model = MambaIRModel.__new__(MambaIRModel)  # load_network needs no training state
+    net = MambaIR(**x2_reference['kwargs'])
+    model.load_network(net, str(path), strict=True, param_key='params_ema')  # falls back to params
+    assert torch.equal(net.conv_first.weight, x2_reference['state_dict']['conv_first.weight'])
+    with pytest.raises(CheckpointError, match='upscale: 2 in checkpoint, 4 in network options'):
+        model.load_network(MambaIR(**{**x2_reference['kwargs'], 'upscale': 4}), str(path))
+    model.load_network(MambaIR(**{**x2_reference['kwargs'], 'upscale': 4}), str(path), strict=False)
