@@ -43,6 +43,10 @@ setup(
             'mambair-train=basicsr_mambair.launch:main_train',
             'mambair-test=basicsr_mambair.launch:main_test',
             'mambair-prepare-sidd=basicsr_mambair.tools.prepare_sidd:main',
+            'mambair-extract-subimages=basicsr_mambair.tools.extract_subimages:main',
+            'mambair-make-lr=basicsr_mambair.tools.make_lr:main',
+            'mambair-make-jpeg=basicsr_mambair.tools.make_jpeg:main',
+            'mambair-make-lmdb=basicsr_mambair.tools.make_lmdb:main',
         ],
     },
 )

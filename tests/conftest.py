@@ -24,6 +24,10 @@ CONSOLE_SCRIPTS = {
     'mambair-train': 'basicsr_mambair.train',
     'mambair-test': 'basicsr_mambair.test',
     'mambair-prepare-sidd': 'basicsr_mambair.tools.prepare_sidd',
+    'mambair-extract-subimages': 'basicsr_mambair.tools.extract_subimages',
+    'mambair-make-lr': 'basicsr_mambair.tools.make_lr',
+    'mambair-make-jpeg': 'basicsr_mambair.tools.make_jpeg',
+    'mambair-make-lmdb': 'basicsr_mambair.tools.make_lmdb',
 }
 
 

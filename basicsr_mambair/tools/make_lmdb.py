@@ -1,0 +1,126 @@
+"""``mambair-make-lmdb``: pack a folder of images into a BasicSR LMDB (``io_backend: {type: lmdb}``).
+
+The result is what BasicSR's ``create_lmdb.py`` makes: ``OUTPUT.lmdb/{data.mdb, lock.mdb,
+meta_info.txt}``, every image stored losslessly as PNG (``cv2.imencode``, ``--compress-level``),
+the key being the file name without extension, and one ``<key>.png (h,w,c) <level>`` line per
+image in ``meta_info.txt``. GT and LQ LMDBs of a pair must have the same keys: for LR files named
+``0001x2.png`` pass ``--strip-suffix x2`` (sub-images from ``mambair-extract-subimages --scale``
+already share their HR names). Images are read and encoded in ``--workers`` processes and
+written by BasicSR's ``LmdbMaker``; unlike BasicSR's ``make_lmdb_from_imgs`` (which reads with
+no error check and sizes the map from the first image) an unreadable image stops with its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import cv2
+
+from .common import (
+    ToolError,
+    add_common_arguments,
+    describe,
+    list_images,
+    parallel_map,
+    read_image,
+    remove_output,
+    run_tool,
+)
+
+PROG = 'mambair-make-lmdb'
+
+
+def lmdb_key(stem: str, strip_suffix: str) -> str:
+    """The key of an image: its stem, minus ``strip_suffix`` at the end."""
+    if strip_suffix and stem.endswith(strip_suffix) and len(stem) > len(strip_suffix):
+        return stem[:-len(strip_suffix)]
+    return stem
+
+
+def check_key(key: str, path: Path) -> None:
+    # BasicSR reads keys back from meta_info.txt with `line.split('.')[0]` and encodes them as ASCII
+    if not key.isascii() or '.' in key or any(c.isspace() for c in key):
+        raise ToolError(f'{path.name}: an LMDB key must be ASCII without dots or spaces, got {key!r}')
+
+
+def encode_one(path: Path, compress_level: int) -> tuple[bytes, tuple[int, int, int]]:
+    """PNG bytes and (h, w, c) of one image."""
+    img = read_image(path)
+    ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+    if not ok:
+        raise ToolError(f'OpenCV could not PNG-encode {path}')
+    h, w = img.shape[:2]
+    return buf.tobytes(), (h, w, 1 if img.ndim == 2 else img.shape[2])
+
+
+def make_lmdb(input_dir: Path, lmdb_path: Path, strip_suffix: str = '', compress_level: int = 1, batch: int = 5000,
+              workers: int = 1, overwrite: bool = False) -> int:
+    """Pack every image of ``input_dir`` into ``lmdb_path`` (must end in ``.lmdb``); returns the image count."""
+    from basicsr.utils.lmdb_util import LmdbMaker
+
+    if lmdb_path.suffix != '.lmdb':
+        raise ToolError(f"the output must end in '.lmdb' (BasicSR's convention), got {lmdb_path}")
+    if not 0 <= compress_level <= 9:
+        raise ToolError(f'--compress-level must be in 0..9, got {compress_level}')
+    if batch < 1:
+        raise ToolError(f'--batch must be positive, got {batch}')
+    paths = list_images(input_dir)
+    keys = [lmdb_key(p.stem, strip_suffix) for p in paths]
+    for key, path in zip(keys, paths):
+        check_key(key, path)
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ToolError(f'two images have the key {dup}')
+    remove_output(lmdb_path, overwrite)
+    lmdb_path.parent.mkdir(parents=True, exist_ok=True)
+    # The map size only reserves address space; a generous bound of the raw pixel bytes is safe.
+    raw = sum(p.stat().st_size for p in paths)
+    map_size = max(1 << 26, 64 * raw)
+    maker = LmdbMaker(str(lmdb_path), map_size=map_size, batch=batch, compress_level=compress_level)
+    done = False
+    try:
+        work = partial(encode_one, compress_level=compress_level)
+        for key, (content, shape) in zip(keys, parallel_map(work, paths, workers, desc='LMDB')):
+            maker.put(content, key, shape)
+        done = True
+    finally:
+        maker.close()
+        if not done:  # never leave a half-written LMDB that looks complete
+            remove_output(lmdb_path, overwrite=True)
+    return len(paths)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='examples:\n'
+               f'  {PROG} datasets/DF2K/HR_sub datasets/DF2K/HR_sub.lmdb\n'
+               f'  {PROG} datasets/DF2K/LR_bicubic/X2_sub datasets/DF2K/LR_bicubic_X2_sub.lmdb\n'
+               f'  {PROG} datasets/SR/Set5/LR_bicubic/X2 datasets/SR/Set5/LR_X2.lmdb --strip-suffix x2')
+    parser.add_argument('input', type=Path, help='folder of images')
+    parser.add_argument('output', type=Path, help='the LMDB folder to create, ending in .lmdb')
+    parser.add_argument('--strip-suffix', default='', metavar='SUFFIX',
+                        help="remove this ending from file names to form keys, e.g. 'x2' for LR files")
+    parser.add_argument('--compress-level', type=int, default=1, help='PNG compression 0-9 (default 1, as BasicSR)')
+    parser.add_argument('--batch', type=int, default=5000, help='images per LMDB transaction (default 5000)')
+    add_common_arguments(parser, overwrite_help='delete an existing LMDB of that name first')
+    return parser
+
+
+def _work(args: argparse.Namespace) -> str:
+    n = make_lmdb(args.input, args.output, args.strip_suffix, args.compress_level, args.batch, args.workers,
+                  args.overwrite)
+    return f'wrote {n} images to {args.output} (keys and shapes in {args.output / "meta_info.txt"})'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``mambair-make-lmdb``."""
+    return run_tool(PROG, _work, build_parser(), argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
