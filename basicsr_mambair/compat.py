@@ -52,7 +52,8 @@ def init_dist(launcher: str, backend: str | None = None, **kwargs) -> None:
     if mp.get_start_method(allow_none=True) is None:
         mp.set_start_method('spawn')
     use_cuda = cuda_available()
-    backend = backend or ('nccl' if use_cuda else 'gloo')
+    if backend is None or (backend == 'nccl' and not use_cuda):  # option files often name nccl
+        backend = 'nccl' if use_cuda else 'gloo'
     if launcher == 'pytorch':
         rank = int(os.environ['RANK'])
         local_rank = int(os.environ.get('LOCAL_RANK', rank))

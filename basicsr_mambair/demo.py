@@ -51,7 +51,7 @@ def build_dataset(root: Path) -> dict[str, Path]:
     """Write ``{train,val}/HR`` and ``{train,val}/LR_bicubic/X2`` PNGs (mod-cropped HR, MATLAB bicubic LR)."""
     import cv2
 
-    from .tools.make_lr import downscale_matlab
+    from .tools.make_lr import imresize_matlab
 
     folders = {}
     for split, names in (('train', TRAIN_PHOTOS), ('val', VAL_PHOTOS)):
@@ -62,7 +62,7 @@ def build_dataset(root: Path) -> dict[str, Path]:
             hr = _photo(name)[..., ::-1]  # BGR, as OpenCV writes
             hr = hr[:hr.shape[0] - hr.shape[0] % SCALE, :hr.shape[1] - hr.shape[1] % SCALE]
             cv2.imwrite(str(hr_dir / f'{name}.png'), hr)
-            cv2.imwrite(str(lr_dir / f'{name}x{SCALE}.png'), downscale_matlab(hr, SCALE))
+            cv2.imwrite(str(lr_dir / f'{name}x{SCALE}.png'), imresize_matlab(np.ascontiguousarray(hr), SCALE))
         folders[split] = root / split
     return folders
 
