@@ -1,36 +1,538 @@
-"""Selective scan (placeholder: a plain sequential float32 loop; replaced by the chunked scan)."""
+"""Selective scan of Mamba (S6), exact on any device.
+
+For every batch b, channel d and state n (time index t)::
+
+    h[t] = exp(dt[t] * A[d, n]) * h[t-1] + dt[t] * u[t] * B[g(d), n, t]      h[-1] = 0
+    y[t] = sum_n C[g(d), n, t] * h[t, n]  (+ D[d] * u[t])  (* silu(z[t]))
+
+with ``dt = softplus(delta + delta_bias)`` (softplus optional) and ``g(d) = d // (dim // G)`` the
+group of channel d (MambaIR scans its 4 directions as G = 4 groups in one call).
+
+Backends behind :func:`selective_scan` (argument, :func:`scan_backend`, or ``MAMBAIR_SCAN``):
+
+- ``cuda``: ``mamba_ssm``'s kernel, imported lazily the first time CUDA tensors are scanned.
+- ``torch``: a chunked scan in pure PyTorch with its own backward (default without ``mamba_ssm``).
+- ``reference``: a plain sequential loop with autograd through it; slow, for tests only.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import warnings
+from typing import Callable, Iterator, Tuple, Union
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ['selective_scan', 'selective_scan_reference', 'scan_backend', 'get_backend', 'BACKENDS']
+
+BACKENDS = ('auto', 'cuda', 'torch', 'reference')
+ENV_VAR = 'MAMBAIR_SCAN'
+
+# Chunk length T: the scan runs sequentially over the T steps of a chunk, for many chunks at once, so
+# one tensor op advances (chunks x batch x dim x N) states. T trades the number of these per-step ops
+# (fewer groups when T is small) against the sequential chunk-to-chunk carry (L / T tiny ops).
+CHUNK_LEN = 16
+# Elements of one (T, chunks, batch, dim, N) work buffer: ~8 MB in float32, so a group's buffers stay
+# in the last-level cache and the peak extra memory does not grow with L.
+GROUP_ELEMS = 1 << 21
+# Step ops cover at most this many elements: ATen runs ops below its grain size (32768) serially on the
+# calling thread, so the T-step loops never enter an OpenMP region (which stalls for a scheduler tick
+# whenever another process holds a core).
+SERIAL_ELEMS = 32000
+
+_logger = logging.getLogger('basicsr')
+_override: str | None = None
+_logged: set = set()
+_warned: set = set()
+_mamba_fn: Callable | None = None
+_mamba_error: BaseException | None = None
+
+ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
-    """Semantics of ``mamba_ssm.selective_scan_fn``. u, delta: (b, d, L); A: (d, N);
-    B, C: (b, G, N, L) or (b, N, L); D, delta_bias: (d,); z: (b, d, L)."""
-    dtype = u.dtype
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
+# ------------------------------------------------------------------------------------------------
+# backend selection
+# ------------------------------------------------------------------------------------------------
+def _check_name(name: str) -> str:
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f'unknown selective scan backend {name!r}; expected one of {BACKENDS}')
+    return key
+
+
+@contextlib.contextmanager
+def scan_backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` (one of :data:`BACKENDS`) for calls without ``backend=`` inside the block.
+
+    A process-wide override (not thread-safe); it takes precedence over ``MAMBAIR_SCAN``.
+    """
+    global _override
+    previous, _override = _override, _check_name(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def _load_mamba() -> Callable | None:
+    """``mamba_ssm``'s ``selective_scan_fn``, or None when it does not import (tried once)."""
+    global _mamba_fn, _mamba_error
+    if _mamba_fn is None and _mamba_error is None:
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        except Exception as exc:  # ImportError, or a broken build (OSError / undefined CUDA symbols)
+            _mamba_error = exc
+        else:
+            _mamba_fn = selective_scan_fn
+    return _mamba_fn
+
+
+def get_backend(tensor_device: torch.device | str) -> str:
+    """The backend ``auto`` picks for tensors on ``tensor_device``: ``cuda`` or ``torch``.
+
+    Only asking about a CUDA device tries to import ``mamba_ssm``.
+    """
+    if torch.device(tensor_device).type == 'cuda' and _load_mamba() is not None:
+        return 'cuda'
+    return 'torch'
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _resolve(backend: str | None, device: torch.device) -> str:
+    name = _check_name(backend or _override or os.environ.get(ENV_VAR, '') or 'auto')
+    if name == 'auto':
+        name = get_backend(device)
+    elif name == 'cuda':
+        if device.type != 'cuda':
+            _warn_once('cuda-device', f'selective scan backend "cuda" needs CUDA tensors (got {device.type}); '
+                                      'falling back to the pure PyTorch scan')
+            name = 'torch'
+        elif _load_mamba() is None:
+            _warn_once('cuda-import', f'selective scan backend "cuda": mamba_ssm does not import '
+                                      f'({_mamba_error!r}); falling back to the pure PyTorch scan')
+            name = 'torch'
+    if name not in _logged:
+        _logged.add(name)
+        _logger.info('Selective scan backend: %s', name)
+    return name
+
+
+def _reset_state() -> None:
+    """Forget the one-time log/warning records and the cached import (for tests)."""
+    global _mamba_fn, _mamba_error
+    _logged.clear()
+    _warned.clear()
+    _mamba_fn = _mamba_error = None
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry point
+# ------------------------------------------------------------------------------------------------
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, backend: str | None = None) -> ScanOut:
+    """Selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
+
+    Args:
+        u, delta: (batch, dim, L) input and time step (before ``delta_bias``/softplus).
+        A: (dim, N) real state matrix (diagonal per channel; negative for a decaying state).
+        B, C: (batch, G, N, L) with dim divisible by G (channel block k uses group k), or (batch, N, L).
+        D: (dim,) skip connection; z: (batch, dim, L) gate, output multiplied by silu(z).
+        delta_bias: (dim,) added to delta; delta_softplus: apply softplus to delta + delta_bias.
+        return_last_state: also return the final state h[L-1], (batch, dim, N).
+        backend: 'auto' | 'cuda' | 'torch' | 'reference'; None: :func:`scan_backend` override, else
+            the ``MAMBAIR_SCAN`` environment variable, else 'auto'.
+
+    Returns:
+        y (batch, dim, L) in u's dtype, computed in float32 (float64 for float64 inputs); with
+        ``return_last_state`` also the last state in the computation dtype.
+    """
+    name = _resolve(backend, u.device)
+    if name == 'cuda':
+        return _mamba_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    impl = _scan_torch if name == 'torch' else selective_scan_reference
+    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared preparation
+# ------------------------------------------------------------------------------------------------
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> int:
+    """Validate shapes; return the number of groups G of B/C."""
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f'u and delta must both be (batch, dim, L); got {tuple(u.shape)}, {tuple(delta.shape)}')
+    batch, dim, length = u.shape
+    if A.is_complex():
+        raise NotImplementedError('complex A is not supported (MambaIR uses a real A)')
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f'A must be (dim, N) = ({dim}, N); got {tuple(A.shape)}')
+    n = A.shape[1]
+    for name, t in (('B', B), ('C', C)):
+        ok = (t.dim() == 3 and tuple(t.shape) == (batch, n, length)) or (
+            t.dim() == 4 and t.shape[0] == batch and tuple(t.shape[2:]) == (n, length) and dim % t.shape[1] == 0)
+        if not ok:
+            raise ValueError(f'{name} must be (batch, N, L) or (batch, G, N, L) with dim % G == 0 for u '
+                             f'{tuple(u.shape)} and N={n}; got {tuple(t.shape)}')
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        raise ValueError(f'B and C have different group counts: {B.shape[1]} vs {C.shape[1]}')
+    return B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
+
+
+class _Softplus(torch.autograd.Function):
+    """softplus with the threshold of mamba_ssm's kernel (x > 20 -> x), from vectorised ops.
+
+    ATen's CPU softplus (and log1p) is a scalar loop, ~10 ns per element; this is ~2x faster.
+    log1p(y) = log(1 + y) * y / ((1 + y) - 1) is exact to a few ulps (Goldberg's trick).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        y = torch.exp(-x.abs())
+        w = 1 + y
+        log1p = torch.where(w == 1, y, torch.log(w).mul_(y).div_(w - 1))
+        return torch.where(x > 20, x, x.clamp(min=0).add_(log1p))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.where(x > 20, grad, grad * torch.sigmoid(x))
+
+
+def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
+             delta_softplus: bool, fast_softplus: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cast to the computation dtype, apply bias/softplus to delta, give B and C a group axis."""
+    groups = _check_shapes(u, delta, A, B, C)
+    cd = _compute_dtype(u.dtype)
+    dt = delta.to(cd)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    b, d, L = u.shape
-    if B.dim() == 3:
-        B, C = B[:, None], C[:, None]
-    g = B.shape[1]
-    B = B.repeat_interleave(d // g, dim=1)  # (b, d, N, L)
-    C = C.repeat_interleave(d // g, dim=1)
-    h = u.new_zeros(b, d, A.shape[1])
-    ys = []
-    for t in range(L):
-        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[..., t]
-        ys.append((h * C[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
+        dt = dt + delta_bias.to(cd)[:, None]
+    if delta_softplus:  # threshold 20, as in mamba_ssm's kernel
+        dt = _Softplus.apply(dt) if fast_softplus else F.softplus(dt)
+    B = (B.unsqueeze(1) if B.dim() == 3 else B).to(cd).expand(-1, groups, -1, -1)
+    C = (C.unsqueeze(1) if C.dim() == 3 else C).to(cd).expand(-1, groups, -1, -1)
+    return u.to(cd), dt, A.to(cd), B, C
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     if D is not None:
-        y = y + u * D.float()[:, None]
+        y = y + u * D.to(y.dtype)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype)
-    return (y, h) if return_last_state else y
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# reference: sequential loop
+# ------------------------------------------------------------------------------------------------
+def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                             z: Tensor | None = None, delta_bias: Tensor | None = None,
+                             delta_softplus: bool = False, return_last_state: bool = False) -> ScanOut:
+    """Plain sequential scan, one time step per iteration (shapes as :func:`selective_scan`).
+
+    Autograd runs through the loop, so training memory is O(batch * dim * N * L). Slow; for tests and
+    benchmarks. Computes in float32, or float64 for float64 inputs.
+    """
+    out_dtype = u.dtype
+    u, dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, dim, length = u.shape
+    groups, n = B.shape[1], B.shape[2]
+    x = (dt * u).view(batch, groups, dim // groups, length)
+    dt4 = dt.view(batch, groups, dim // groups, length)
+    A4 = A.view(groups, dim // groups, n)
+    h = u.new_zeros(batch, groups, dim // groups, n)
+    ys = []
+    for t in range(length):
+        h = torch.exp(dt4[..., t, None] * A4) * h + x[..., t, None] * B[:, :, None, :, t]
+        ys.append((h * C[:, :, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
+    out = _finish(y, u, D, z, out_dtype)
+    return (out, h.reshape(batch, dim, n)) if return_last_state else out
+
+
+# ------------------------------------------------------------------------------------------------
+# torch backend: chunked scan
+# ------------------------------------------------------------------------------------------------
+# Layout. Time is cut into chunks of T steps; consecutive chunks form a group of K chunks (K * T steps)
+# that is processed at once in buffers shaped (T, K, batch, G, N, H) with H = dim // G channels per
+# group innermost. Slab [t] holds step t of all K chunks, so the recurrence within the chunks advances
+# with one op per step on K * batch * dim * N elements:
+#   sweep 1: run every chunk from a zero state to get its local end state,
+#   carry:   chain the chunks (start[k+1] = P[k] * start[k] + end[k], P[k] = exp(A * sum of dt in k)),
+#   sweep 2: rerun every chunk from its true start state, keeping all states h for y = C . h.
+# All exponents are dt * A or A * (sum of dt) <= 0 for A <= 0, dt >= 0: only products of decays,
+# never a division by one, so long sequences and large decays underflow gracefully to 0.
+# The state at each chunk start is saved for backward (batch * dim * N * L / T values); backward
+# recomputes the states of one group at a time and runs the adjoint recurrence backwards the same way.
+
+class _Plan:
+    """Shapes of one chunked scan: T steps per chunk, K chunks per group, L padded to Lp."""
+
+    def __init__(self, batch: int, dim: int, groups: int, n: int, length: int, chunk: int, group_elems: int):
+        self.batch, self.groups, self.n, self.h = batch, groups, n, dim // groups
+        self.T = max(1, min(chunk, length))
+        self.chunks = -(-length // self.T)
+        self.Lp = self.chunks * self.T
+        self.K = max(1, min(self.chunks, group_elems // (self.T * batch * dim * n)))
+
+    def groups_fwd(self) -> Iterator[Tuple[int, int]]:
+        """(first chunk, number of chunks) of each group, in time order."""
+        for c0 in range(0, self.chunks, self.K):
+            yield c0, min(self.K, self.chunks - c0)
+
+    def steps(self, tm: Tensor, c0: int, k: int) -> Tensor:
+        """View of a step-major (batch, Lp, G, X) tensor for group (c0, k) as (T, k, batch, G, X)."""
+        return tm[:, c0 * self.T:(c0 + k) * self.T].unflatten(1, (k, self.T)).permute(2, 1, 0, 3, 4)
+
+
+def _to_steps(t: Tensor, lp: int, groups: int) -> Tensor:
+    """(batch, dim, L) -> (batch, Lp, G, dim // G), or (batch, G, N, L) -> (batch, Lp, G, N); zero padded.
+
+    One 2D transpose per batch element: ATen copies those with a cache-blocked kernel, several times
+    faster than a general permuted copy.
+    """
+    batch, length = t.shape[0], t.shape[-1]
+    rows = t.reshape(batch, -1, length)
+    out = rows.new_empty(batch, lp, rows.shape[1]) if lp == length else rows.new_zeros(batch, lp, rows.shape[1])
+    for i in range(batch):
+        out[i, :length].copy_(rows[i].t())
+    return out.view(batch, lp, groups, -1)
+
+
+def _from_steps(tm: Tensor, length: int) -> Tensor:
+    """(batch, Lp, G, X) -> (batch, G * X, L), the inverse of :func:`_to_steps` (drops the padding)."""
+    batch, lp = tm.shape[:2]
+    rows = tm.reshape(batch, lp, -1)
+    out = tm.new_empty(batch, rows.shape[-1], length)
+    for i in range(batch):
+        out[i].copy_(rows[i, :length].t())
+    return out
+
+
+def _spans(lo: int, hi: int) -> Iterator[Tuple[int, int]]:
+    for i in range(lo, hi, SERIAL_ELEMS):
+        yield i, min(i + SERIAL_ELEMS, hi)
+
+
+def _sweep(a: Tensor, h: Tensor, lo: int, hi: int, out: Tensor | None = None, reverse: bool = False) -> None:
+    """Run the recurrence over the T steps of flat columns [lo, hi) of (T, M) buffers, in spans.
+
+    Forward: h[t] += a[t] * h[t-1] for t = 1..T-1. Reverse: h[t] += a[t+1] * h[t+1] for t = T-2..0.
+    With ``out`` (size hi - lo) the buffers are left unchanged and only the final value is written there.
+    Each op covers at most SERIAL_ELEMS columns, so it runs on the calling thread: a step loop of
+    OpenMP regions stalls when another process holds a core.
+    """
+    T = a.shape[0]
+    order = range(T - 2, -1, -1) if reverse else range(1, T)
+    shift = 1 if reverse else -1
+    for s0, s1 in _spans(lo, hi):
+        av, hv = a[:, s0:s1].unbind(0), h[:, s0:s1].unbind(0)
+        if out is None:
+            for t in order:
+                hv[t].addcmul_(av[t + 1] if reverse else av[t], hv[t + shift])
+            continue
+        acc = out[s0 - lo:s1 - lo]
+        acc.copy_(hv[T - 1 if reverse else 0])
+        for t in order:
+            torch.addcmul(hv[t], av[t + 1] if reverse else av[t], acc, out=acc)
+
+
+def _group_forward(a: Tensor, h: Tensor, dt: Tensor, x: Tensor, B: Tensor, A: Tensor, carry: Tensor,
+                   starts: Tensor) -> None:
+    """States of one group into ``h`` and decays into ``a``; chunk start states into ``starts``.
+
+    a, h: (T, K, b, G, N, H) buffers; dt, x: (T, K, b, G, 1, H); B: (T, K, b, G, N, 1); A: (G, N, H);
+    carry: (b, G, N, H) state before the group; starts: (K, b, G, N, H).
+    """
+    T, k = a.shape[0], a.shape[1]
+    S = carry.numel()
+    torch.mul(dt, A, out=a)
+    a.exp_()
+    torch.mul(x, B, out=h)
+    h[0, 0].addcmul_(a[0, 0], carry)  # chunk 0 continues from the previous group
+    af, hf, sf = a.view(T, -1), h.view(T, -1), starts.view(k, -1)
+    starts[0] = carry
+    if k > 1:
+        ends = sf[1:]  # sweep 1: local end state of chunks 0..k-2 (true one for chunk 0) ...
+        _sweep(af, hf, 0, (k - 1) * S, out=ends.view(-1))
+        if k > 2:  # ... chained: start[c + 1] = end[c] + (decay over chunk c) * start[c]
+            decay = torch.exp(dt[:, 1:k - 1].sum(0) * A).view(k - 2, -1)
+            for c in range(1, k - 1):
+                sf[c + 1].addcmul_(decay[c - 1], sf[c])
+        for s0, s1 in _spans(S, k * S):  # sweep 2 from the true chunk starts
+            hf[0, s0:s1].addcmul_(af[0, s0:s1], sf.view(-1)[s0:s1])
+    _sweep(af, hf, 0, k * S)
+
+
+def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A: Tensor, carry: Tensor) -> Tensor:
+    """Adjoint states of one group into ``g`` (which holds C * dy on entry); returns the carry to pass on.
+
+    g[t] = C[t] dy[t] + a[t+1] g[t+1]. carry: (b, G, N, H), the adjoint flowing into the group's last
+    step (a[t+1] g[t+1] from the next group, or the last-state gradient). Returns a[0] g[0] of the group.
+    Same scheme as the forward, mirrored in time.
+    """
+    T, k = a.shape[0], a.shape[1]
+    S = carry.numel()
+    g[T - 1, k - 1] += carry
+    af, gf = a.view(T, -1), g.view(T, -1)
+    if k > 1:
+        ins = torch.empty_like(g[0, 1:])  # adjoint of step 0 of chunks 1..k-1 (local; true for chunk k-1)
+        _sweep(af, gf, S, k * S, out=ins.view(-1), reverse=True)
+        # into the last step of chunk c flows a[0, c+1] * (true adjoint at step 0 of chunk c+1)
+        ins[k - 2].mul_(a[0, k - 1])
+        if k > 2:
+            decay = torch.exp(dt[1:, 1:k - 1].sum(0) * A)  # decay over steps 1..T-1 of chunks 1..k-2
+            for c in range(k - 2, 0, -1):
+                ins[c - 1].addcmul_(decay[c - 1], ins[c]).mul_(a[0, c])
+        insf = ins.view(-1)
+        for s0, s1 in _spans(0, (k - 1) * S):
+            gf[T - 1, s0:s1].add_(insf[s0:s1])
+    _sweep(af, gf, 0, k * S, reverse=True)
+    return a[0, 0] * g[0, 0]
+
+
+class _Inputs:
+    """Time-major, zero-padded copies of the scan inputs (1/N of the state size each)."""
+
+    def __init__(self, p: _Plan, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):
+        G = p.groups
+        self.dt = _to_steps(dt, p.Lp, G)  # (b, Lp, G, H); padding dt = 0: decay 1, the state carries over
+        self.x = _to_steps(u, p.Lp, G).mul_(self.dt)  # dt * u; padding 0: no input
+        self.B = _to_steps(B, p.Lp, G)  # (b, Lp, G, N)
+        self.C = _to_steps(C, p.Lp, G)
+        self.A = A.view(G, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
+
+
+def _buffers(p: _Plan, ref: Tensor, count: int) -> Tensor:
+    return ref.new_empty(count, p.T * p.K * p.batch * p.groups * p.n * p.h)
+
+
+def _views(p: _Plan, buf: Tensor, k: int) -> Tuple[Tensor, ...]:
+    shape = (p.T, k, p.batch, p.groups, p.n, p.h)
+    size = p.T * k * p.batch * p.groups * p.n * p.h
+    return tuple(b[:size].view(shape) for b in buf)
+
+
+def _chunked_forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, p: _Plan,
+                     save_starts: bool) -> Tuple[Tensor, Tensor, Tensor | None]:
+    """y (b, dim, L), last state (b, dim, N) and, with ``save_starts``, every chunk's start state.
+
+    u, dt: (b, dim, L); A: (dim, N); B, C: (b, G, N, L); all in the computation dtype.
+    """
+    inp = _Inputs(p, u, dt, A, B, C)
+    G, N, H, T = p.groups, p.n, p.h, p.T
+    y_tm = u.new_empty(p.batch, p.Lp, G, H)
+    buf = _buffers(p, u, 2)
+    carry = u.new_zeros(p.batch, G, N, H)
+    starts_all = u.new_empty(p.chunks, p.batch, G, N, H) if save_starts else None
+    starts_tmp = None if save_starts else u.new_empty(p.K, p.batch, G, N, H)
+    for c0, k in p.groups_fwd():
+        a, h = _views(p, buf, k)
+        starts = starts_all[c0:c0 + k] if save_starts else starts_tmp[:k]
+        _group_forward(a, h, p.steps(inp.dt, c0, k).unsqueeze(-2), p.steps(inp.x, c0, k).unsqueeze(-2),
+                       p.steps(inp.B, c0, k).unsqueeze(-1), inp.A, carry, starts)
+        p.steps(y_tm, c0, k).copy_(torch.matmul(p.steps(inp.C, c0, k).unsqueeze(-2), h).squeeze(-2))
+        carry = h[T - 1, k - 1].clone()
+    y = _from_steps(y_tm, u.shape[-1])
+    last = carry.transpose(-1, -2).reshape(p.batch, G * H, N)
+    return y, last, starts_all
+
+
+def _chunked_backward(dy: Tensor, dlast: Tensor | None, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      starts_all: Tensor, p: _Plan, needs: Tuple[bool, ...]) -> Tuple[Tensor | None, ...]:
+    """Gradients w.r.t. (u, dt, A, B, C) for output gradients dy (b, dim, L) and dlast (b, dim, N)."""
+    inp = _Inputs(p, u, dt, A, B, C)
+    G, N, H, L = p.groups, p.n, p.h, u.shape[-1]
+    dy_tm = _to_steps(dy, p.Lp, G)
+    dx_tm = u.new_empty(p.batch, p.Lp, G, H)  # gradient w.r.t. x = dt * u
+    ddt_tm = u.new_empty(p.batch, p.Lp, G, H)  # gradient w.r.t. dt through the decay exp(dt * A)
+    dB_tm = u.new_empty(p.batch, p.Lp, G, N) if needs[3] else None
+    dC_tm = u.new_empty(p.batch, p.Lp, G, N) if needs[4] else None
+    dA = u.new_zeros(G, N, H)
+    buf = _buffers(p, u, 3)
+    carry = (u.new_zeros(p.batch, G, N, H) if dlast is None
+             else dlast.to(u.dtype).reshape(p.batch, G, H, N).transpose(-1, -2))
+    for c0, k in reversed(list(p.groups_fwd())):
+        a, h, g = _views(p, buf, k)
+        dtv, xv = p.steps(inp.dt, c0, k).unsqueeze(-2), p.steps(inp.x, c0, k).unsqueeze(-2)  # (T,k,b,G,1,H)
+        Bv, Cv, dyv = p.steps(inp.B, c0, k), p.steps(inp.C, c0, k), p.steps(dy_tm, c0, k).unsqueeze(-2)
+        starts = starts_all[c0:c0 + k]
+        # recompute this group's states from the saved chunk starts
+        torch.mul(dtv, inp.A, out=a)
+        a.exp_()
+        torch.mul(xv, Bv.unsqueeze(-1), out=h)
+        hf, af = h.view(h.shape[0], -1), a.view(a.shape[0], -1)
+        for s0, s1 in _spans(0, hf.shape[1]):
+            hf[0, s0:s1].addcmul_(af[0, s0:s1], starts.view(-1)[s0:s1])
+        _sweep(af, hf, 0, hf.shape[1])
+        torch.mul(Cv.unsqueeze(-1), dyv, out=g)
+        carry = _group_adjoint(a, g, dtv, inp.A, carry)
+        if dC_tm is not None:  # dC[n] = sum_H h[n] dy
+            p.steps(dC_tm, c0, k).copy_(torch.matmul(dyv, h.transpose(-1, -2)).squeeze(-2))
+        p.steps(dx_tm, c0, k).copy_(torch.matmul(Bv.unsqueeze(-2), g).squeeze(-2))  # dx = sum_N g B
+        if dB_tm is not None:  # dB[n] = sum_H g[n] x
+            p.steps(dB_tm, c0, k).copy_(torch.matmul(xv, g.transpose(-1, -2)).squeeze(-2))
+        # w = g * a * h[t-1] is the gradient w.r.t. the exponent dt * A (into a; h becomes scratch)
+        a[1:].mul_(h[:-1])
+        a[0].mul_(starts)
+        a.mul_(g)
+        p.steps(ddt_tm, c0, k).copy_(torch.mul(a, inp.A, out=h).sum(-2))
+        if needs[2]:
+            dA += a.mul_(dtv).sum((0, 1, 2))
+    dx = _from_steps(dx_tm, L)
+    du = dx * dt if needs[0] else None
+    ddt = torch.addcmul(_from_steps(ddt_tm, L), dx, u) if needs[1] else None
+    dA_out = dA.transpose(1, 2).reshape(G * H, N) if needs[2] else None
+    dB = _from_steps(dB_tm, L).view(B.shape) if dB_tm is not None else None
+    dC = _from_steps(dC_tm, L).view(C.shape) if dC_tm is not None else None
+    return du, ddt, dA_out, dB, dC
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Autograd wrapper: saves the inputs and the chunk start states, recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, plan: _Plan) -> Tuple[Tensor, Tensor]:
+        y, last, starts = _chunked_forward(u, dt, A, B, C, plan, save_starts=True)
+        ctx.save_for_backward(u, dt, A, B, C, starts)
+        ctx.plan = plan
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
+        u, dt, A, B, C, starts = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        grads = _chunked_backward(dy, dlast, u, dt, A, B, C, starts, ctx.plan, ctx.needs_input_grad)
+        return (*grads, None)
+
+
+def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                return_last_state: bool = False, chunk: int = 0, group_elems: int = 0) -> ScanOut:
+    """The ``torch`` backend (shapes as :func:`selective_scan`); ``chunk``/``group_elems`` > 0 override
+    :data:`CHUNK_LEN`/:data:`GROUP_ELEMS` (tests use small values to exercise every code path)."""
+    out_dtype = u.dtype
+    u, dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, fast_softplus=True)
+    batch, dim, length = u.shape
+    plan = _Plan(batch, dim, B.shape[1], A.shape[1], length, chunk or CHUNK_LEN, group_elems or GROUP_ELEMS)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C)):
+        y, last = _ChunkedScan.apply(u, dt, A, B, C, plan)
+    else:  # inference: nothing is kept for a backward pass
+        y, last, _ = _chunked_forward(u, dt, A, B, C, plan, save_starts=False)
+    out = _finish(y, u, D, z, out_dtype)
+    return (out, last) if return_last_state else out

@@ -1,0 +1,284 @@
+"""Selective scan: the chunked ``torch`` backend against a float64 sequential evaluation, backend selection."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from basicsr_mambair.ops import get_backend, scan_backend, selective_scan, selective_scan_reference
+
+ss = importlib.import_module('basicsr_mambair.ops.selective_scan')  # the module (the package exports the function)
+
+GRAD_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+
+
+def make_inputs(batch=2, dim=8, length=7, n=4, groups=4, grouped=True, dt_scale=1.0, a_max=4.0, seed=0,
+                dtype=torch.float32):
+    """Random scan inputs; A < 0; delta around softplus^-1 of typical steps (or of ``dt_scale``)."""
+    g = torch.Generator().manual_seed(seed)
+    bc_shape = (batch, groups, n, length) if grouped else (batch, n, length)
+    return {
+        'u': torch.randn(batch, dim, length, generator=g, dtype=torch.float64).to(dtype),
+        'delta': (torch.randn(batch, dim, length, generator=g, dtype=torch.float64) * dt_scale).to(dtype),
+        'A': -(torch.rand(dim, n, generator=g, dtype=torch.float64) * a_max + 0.01).to(dtype),
+        'B': torch.randn(*bc_shape, generator=g, dtype=torch.float64).to(dtype),
+        'C': torch.randn(*bc_shape, generator=g, dtype=torch.float64).to(dtype),
+        'D': torch.randn(dim, generator=g, dtype=torch.float64).to(dtype),
+        'z': torch.randn(batch, dim, length, generator=g, dtype=torch.float64).to(dtype),
+        'delta_bias': (torch.randn(dim, generator=g, dtype=torch.float64) - 1).to(dtype),
+    }
+
+
+def run(fn, inputs, use_d=True, use_z=True, use_bias=True, softplus=True, last_state=True, seed=1, **kw):
+    """Output, last state and gradients of a fixed random loss w.r.t. every used input."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y = fn(leaves['u'], leaves['delta'], leaves['A'], leaves['B'], leaves['C'], leaves['D'] if use_d else None,
+           z=leaves['z'] if use_z else None, delta_bias=leaves['delta_bias'] if use_bias else None,
+           delta_softplus=softplus, return_last_state=last_state, **kw)
+    y, last = y if last_state else (y, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum()
+    if last is not None:
+        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64)).sum()
+    used = [k for k in GRAD_NAMES if (k != 'D' or use_d) and (k != 'z' or use_z) and (k != 'delta_bias' or use_bias)]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in used])
+    return y.detach(), (None if last is None else last.detach()), dict(zip(used, grads))
+
+
+def assert_close(actual, expected, rtol=1e-5, name=''):
+    """Agreement to ``rtol`` relative to the largest reference magnitude."""
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f'{name}: non-finite values'
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rtol * max(scale, 1e-30), f'{name}: max error {err:.3g} vs scale {scale:.3g} (rtol {rtol})'
+
+
+def check_against_float64(inputs, rtol=1e-5, **options):
+    y, last, grads = run(lambda *a, **k: selective_scan(*a, backend='torch', **k), inputs, **options)
+    inputs64 = {k: v.double() for k, v in inputs.items()}
+    y64, last64, grads64 = run(selective_scan_reference, inputs64, **options)
+    assert y.dtype == inputs['u'].dtype
+    assert_close(y, y64, rtol, 'y')
+    if last64 is not None:
+        assert_close(last, last64, rtol, 'last state')
+    assert grads.keys() == grads64.keys()
+    for k in grads64:
+        assert_close(grads[k], grads64[k], rtol, f'd{k}')
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 4 steps, groups of a few chunks, tiny serial spans: every code path runs on small inputs."""
+    monkeypatch.setattr(ss, 'CHUNK_LEN', 4)
+    monkeypatch.setattr(ss, 'GROUP_ELEMS', 4 * 3 * 2 * 8 * 4)  # 3 chunks per group at batch 2, dim 8, N 4
+    monkeypatch.setattr(ss, 'SERIAL_ELEMS', 40)
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('length', [1, 7, 1000])
+@pytest.mark.parametrize('grouped', [True, False], ids=['B(b,G,N,L)', 'B(b,N,L)'])
+def test_matches_float64_reference(length, grouped):
+    check_against_float64(make_inputs(length=length, grouped=grouped))
+
+
+@pytest.mark.parametrize('options', [
+    dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
+    dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call
+    dict(use_d=False, use_z=True, use_bias=False, softplus=True, last_state=True),
+    dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True),
+], ids=['bare', 'mambair', 'z+last', 'all-no-softplus'])
+@pytest.mark.parametrize('length', [7, 301])
+def test_options_match_float64_reference(options, length):
+    inputs = make_inputs(length=length, dim=12, groups=4, dt_scale=0.5, seed=length)
+    if not options['softplus']:  # delta must be a positive step without softplus
+        inputs['delta'] = inputs['delta'].abs() * 0.3
+        inputs['delta_bias'] = inputs['delta_bias'].abs() * 0.1
+    check_against_float64(inputs, **options)
+
+
+@pytest.mark.parametrize('length', [1, 5, 12, 13, 50])
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_chunk_boundaries_match_float64_reference(small_chunks, length, groups):
+    """Lengths around chunk/group multiples, several groups per call, spans split inside a chunk."""
+    check_against_float64(make_inputs(length=length, groups=groups, seed=length + groups))
+
+
+def test_single_chunk_per_group(monkeypatch):
+    """Each group is a single chunk when one chunk's state exceeds GROUP_ELEMS (large batch * dim)."""
+    monkeypatch.setattr(ss, 'GROUP_ELEMS', 1)
+    check_against_float64(make_inputs(length=37, seed=3))
+
+
+def test_gradient_from_last_state_only():
+    inputs = make_inputs(length=50)
+    kw = dict(delta_bias=inputs['delta_bias'], delta_softplus=True, return_last_state=True)
+    grads = []
+    for fn, dtype in ((lambda *a, **k: selective_scan(*a, backend='torch', **k), torch.float32),
+                      (selective_scan_reference, torch.float64)):
+        leaves = [inputs[k].to(dtype).requires_grad_() for k in ('u', 'delta', 'A', 'B')]  # C: unused by h
+        _, last = fn(*leaves, inputs['C'].to(dtype), **{k: (v.to(dtype) if torch.is_tensor(v) else v)
+                                                        for k, v in kw.items()})
+        grads.append(torch.autograd.grad(last.sum(), leaves))
+    for name, g, g64 in zip('u delta A B'.split(), *grads):
+        assert_close(g, g64, 1e-5, name)
+
+
+def test_stress_large_steps_and_decays():
+    """dt up to 3 and |A| up to 100 over L = 4096: exp(-sum dt*A) overflows, the chunked scan must not."""
+    inputs = make_inputs(batch=1, dim=8, n=4, length=4096, groups=2, a_max=100.0, seed=5)
+    inputs['delta'] = torch.rand(inputs['delta'].shape, generator=torch.Generator().manual_seed(6)) * 3
+    naive = torch.exp(-torch.cumsum(inputs['delta'][..., None] * inputs['A'][:, None], dim=2))
+    assert not torch.isfinite(naive).all()  # the cumulative-product formulation breaks here
+    check_against_float64(inputs, use_bias=False, softplus=False, use_z=False)
+
+
+def test_gradcheck_float64(small_chunks):
+    inputs = {k: v.double().requires_grad_() for k, v in make_inputs(length=11, groups=2, seed=7).items()}
+
+    def fn(u, delta, A, B, C, D, z, delta_bias):
+        y, last = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, return_last_state=True,
+                                 backend='torch')
+        return y, last
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k] for k in GRAD_NAMES), eps=1e-6, atol=1e-7)
+
+
+def test_softplus_matches_torch():
+    x = torch.cat([torch.linspace(-40, 40, 2001, dtype=torch.float64), torch.tensor([20.0, 20.5, -1e-9, 0.0])])
+    x.requires_grad_()
+    y = ss._Softplus.apply(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.softplus(x2)
+    (g2,) = torch.autograd.grad(y2.sum(), x2)
+    torch.testing.assert_close(y, y2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(g, g2, rtol=1e-14, atol=0)
+    assert torch.equal(y[x > 20], x[x > 20])
+
+
+# ------------------------------------------------------------------------------------------------
+# dtypes, modes, devices
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32(dtype):
+    inputs = {k: v.to(dtype) for k, v in make_inputs(length=33).items()}
+    args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D')]
+    y, last = selective_scan(*args, z=inputs['z'], delta_bias=inputs['delta_bias'], delta_softplus=True,
+                             return_last_state=True, backend='torch')
+    y32, last32 = selective_scan(*[a.float() for a in args], z=inputs['z'].float(),
+                                 delta_bias=inputs['delta_bias'].float(), delta_softplus=True,
+                                 return_last_state=True, backend='torch')
+    assert y.dtype == dtype and last.dtype == torch.float32
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(last, last32)
+    leaves = [a.detach().requires_grad_() for a in args]
+    selective_scan(*leaves, delta_softplus=True, backend='torch').float().sum().backward()
+    assert all(a.grad is not None and a.grad.dtype == dtype and torch.isfinite(a.grad).all() for a in leaves)
+
+
+def test_no_grad_keeps_nothing_for_backward(monkeypatch):
+    calls = []
+    forward = ss._chunked_forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs['save_starts'])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(ss, '_chunked_forward', spy)
+    inputs = make_inputs(length=20)
+    args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C')]
+    with torch.no_grad():
+        y = selective_scan(*args, backend='torch')
+    with torch.inference_mode():
+        selective_scan(*args, backend='torch')
+    assert not y.requires_grad and calls == [False, False]
+    selective_scan(*[a.requires_grad_() for a in args], backend='torch')
+    assert calls == [False, False, True]
+
+
+def test_reference_backend_matches_torch_backend():
+    inputs = make_inputs(length=64)
+    args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D')]
+    kw = dict(z=inputs['z'], delta_bias=inputs['delta_bias'], delta_softplus=True)
+    torch.testing.assert_close(selective_scan(*args, backend='reference', **kw),
+                               selective_scan(*args, backend='torch', **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_input_validation():
+    inputs = make_inputs(length=5)
+    u, delta, A, B, C = (inputs[k] for k in ('u', 'delta', 'A', 'B', 'C'))
+    with pytest.raises(ValueError, match='A must be'):
+        selective_scan(u, delta, A[:3], B, C, backend='torch')
+    with pytest.raises(ValueError, match='B must be'):
+        selective_scan(u, delta, A, B[:, :3], C, backend='torch')  # 3 groups do not divide dim 8
+    with pytest.raises(ValueError, match='u and delta'):
+        selective_scan(u, delta[..., :4], A, B, C, backend='torch')
+    with pytest.raises(NotImplementedError):
+        selective_scan(u, delta, A.to(torch.complex64), B, C, backend='torch')
+
+
+# ------------------------------------------------------------------------------------------------
+# backend selection
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_mamba(monkeypatch):
+    """mamba_ssm absent (importing it raises ImportError) and fresh one-time log/warning records."""
+    monkeypatch.setitem(sys.modules, 'mamba_ssm', None)
+    monkeypatch.delenv(ss.ENV_VAR, raising=False)
+    ss._reset_state()
+    yield
+    ss._reset_state()
+
+
+def test_import_does_not_import_mamba_ssm():
+    assert 'mamba_ssm' not in sys.modules or sys.modules['mamba_ssm'] is None
+
+
+def test_cuda_request_on_cpu_falls_back_with_one_warning(no_mamba, monkeypatch):
+    monkeypatch.setenv(ss.ENV_VAR, 'cuda')
+    inputs = make_inputs(length=9)
+    args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C')]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        y1 = selective_scan(*args)
+        y2 = selective_scan(*args)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert 'falling back' in str(caught[0].message)
+    assert torch.equal(y1, y2) and torch.equal(y1, selective_scan(*args, backend='torch'))
+
+
+def test_cuda_device_without_mamba_ssm(no_mamba):
+    assert get_backend('cuda') == 'torch'  # auto: no kernel -> torch
+    assert get_backend(torch.device('cpu')) == 'torch'
+    ss._mamba_fn = ss._mamba_error = None
+    with pytest.warns(RuntimeWarning, match='mamba_ssm does not import'):
+        assert ss._resolve('cuda', torch.device('cuda')) == 'torch'
+
+
+def test_selection_precedence_and_logging(no_mamba, monkeypatch, caplog):
+    monkeypatch.setenv(ss.ENV_VAR, 'reference')
+    cpu = torch.device('cpu')
+    with caplog.at_level(logging.INFO, logger='basicsr'):
+        assert ss._resolve(None, cpu) == 'reference'  # environment variable
+        with scan_backend('torch'):
+            assert ss._resolve(None, cpu) == 'torch'  # context manager beats the environment
+            assert ss._resolve('reference', cpu) == 'reference'  # explicit argument beats both
+        assert ss._resolve(None, cpu) == 'reference'  # override restored
+        monkeypatch.setenv(ss.ENV_VAR, 'AUTO')
+        assert ss._resolve(None, cpu) == 'torch'
+    logged = [r.getMessage() for r in caplog.records if r.name == 'basicsr']
+    assert logged == ['Selective scan backend: reference', 'Selective scan backend: torch']  # once per backend
+    monkeypatch.setenv(ss.ENV_VAR, 'fast')
+    with pytest.raises(ValueError, match='unknown selective scan backend'):
+        ss._resolve(None, cpu)
+    with pytest.raises(ValueError):
+        with scan_backend('nope'):
+            pass
