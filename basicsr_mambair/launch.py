@@ -201,6 +201,9 @@ def load_resume_state(opt: dict):
         opt['path']['resume_state'] = state_path
         check_resume(opt, state['iter'])  # BasicSR's logger is not set up yet: it must not be called here
         return state
+    if candidates:  # starting afresh would archive the experiment: let the user decide
+        raise OptionError(f'--auto_resume: no usable training state in {osp.dirname(candidates[0])} '
+                          f'({len(candidates)} found, none readable with its network file)')
     return None
 
 

@@ -11,7 +11,8 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
   and crops the output back.
 - validation keeps every image's metric values (``per_image_results``) for result tables.
 - a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
-- checkpoints load with ``weights_only=True``; any ``torch.optim`` optimizer can be named.
+- checkpoints load with ``weights_only=True`` and are written atomically (a run killed while
+  saving never leaves a truncated file); any ``torch.optim`` optimizer can be named.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch.distributed as dist
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from ..inference import forward_official_tiles, forward_self_ensemble, forward_tiled, pad_to_multiple
-from ..utils.checkpoint import load_checked, read_state_dict
+from ..utils.checkpoint import load_checked, read_state_dict, save_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,6 +61,27 @@ class MambaIRModel(SRModel):
         state_dict = read_state_dict(load_path, param_key, logger=logger)
         logger.info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: [{param_key}].')
         load_checked(net, state_dict, strict=strict, source=load_path, logger=logger)
+
+    @master_only
+    def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
+        """BasicSR's ``save_network`` (``{param_key: state_dict}``, no ``module.``), written atomically."""
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state = self.get_bare_model(net_).state_dict()
+            save_dict[key] = {k[len('module.'):] if k.startswith('module.') else k: v.cpu() for k, v in state.items()}
+        name = f"{net_label}_{'latest' if current_iter == -1 else current_iter}.pth"
+        save_atomic(save_dict, osp.join(self.opt['path']['models'], name))
+
+    @master_only
+    def save_training_state(self, epoch: int, current_iter: int) -> None:
+        """BasicSR's ``save_training_state`` (optimizers, schedulers, epoch, iter), written atomically."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers]}
+        save_atomic(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     # ----------------------------------------------------------------- training
     def prepare_batch(self, current_iter: int) -> None:

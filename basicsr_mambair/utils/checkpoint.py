@@ -415,3 +415,19 @@ def load_checked(net: nn.Module, state_dict: Mapping[str, torch.Tensor], strict:
     to_load = OrderedDict((k, v) for k, v in state_dict.items() if k not in skipped)
     net.load_state_dict(to_load, strict=strict)
     return report
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``: write beside it, then rename.
+
+    A run killed while saving keeps the previous file (or none), so a resume never meets a
+    truncated checkpoint.
+    """
+    path = os.fspath(path)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
