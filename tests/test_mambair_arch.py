@@ -256,3 +256,20 @@ def test_unet_dual_pixel_variant_runs() -> None:
     assert 'skip_conv.weight' in model.state_dict()
     with torch.no_grad():
         assert model(torch.rand(1, 6, 8, 8)).shape == (1, 3, 8, 8)
+
+
+def test_initialisation_follows_the_official_rules() -> None:
+    """Spec 1.5 / 1.8: what training from scratch starts from."""
+    torch.manual_seed(0)
+    model = MambaIR(upscale=2, upsampler='pixelshuffle', embed_dim=48, depths=[2], d_state=8, mlp_ratio=2.0)
+    ss2d = model.layers[0].residual_group.blocks[1].self_attention
+    d, r = ss2d.d_inner, ss2d.dt_rank
+    assert (d, r) == (96, 3)
+    dt = F.softplus(ss2d.dt_projs_bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    assert ss2d.dt_projs_weight.abs().max() <= r ** -0.5
+    assert ss2d.x_proj_weight.abs().max() <= d ** -0.5
+    assert torch.equal(ss2d.A_logs, torch.log(torch.arange(1.0, 9.0)).expand(4 * d, 8))
+    assert torch.equal(ss2d.Ds, torch.ones(4 * d))
+    assert abs(ss2d.in_proj.weight.std().item() - 0.02) < 0.002  # trunc_normal(0.02), MambaIR only
+    assert torch.equal(ss2d.out_norm.weight, torch.ones(d)) and ss2d.in_proj.bias is None

@@ -3,22 +3,17 @@
 Checkpoint-compatible with the official ``realDenoising/basicsr/models/archs/mambairunet_arch.py``
 (strict=True, 26,779,480 parameters at the released config).
 
-Layout (C = ``dim``; all convs without bias, except inside the VSSBlocks):
+Layout (C = ``dim``; all convs without bias, except inside the VSSBlocks; checkpoint key prefixes as literals):
 
-=========================  ====================================  ==============
-stage                      modules (checkpoint prefix)           width, size
-=========================  ====================================  ==============
-embed                      ``patch_embed.proj`` conv3x3          C,  H
-encoder 1 / 2 / 3          ``encoder_level{1,2,3}.{i}``          C / 2C / 4C
-down                       ``down{1_2,2_3,3_4}.body.0`` + unshuffle  x2 channels, /2 size
-latent                     ``latent.{i}``                        8C, H/8
-up                         ``up{4_3,3_2,2_1}.body.0`` + shuffle  /2 channels, x2 size
-decoder 3 / 2              concat skip, ``reduce_chan_level*``,  4C / 2C
-                           ``decoder_level{3,2}.{i}``
-decoder 1 + refinement     concat skip (no reduction),           2C, H
-                           ``decoder_level1.{i}``, ``refinement.{i}``
-output                     ``output`` conv3x3 + input            out_channels
-=========================  ====================================  ==============
+* embed: ``patch_embed.proj`` conv3x3 -> C at H x W;
+* encoder levels ``encoder_level{1,2,3}.{i}`` (VSSBlocks at C, 2C, 4C), each followed by
+  ``down{1_2,2_3,3_4}.body.0`` (conv3x3 to half the channels + PixelUnshuffle(2): 2x channels, half size);
+* ``latent.{i}`` at 8C, H/8 x W/8;
+* decoder levels 3 and 2: ``up{4_3,3_2}.body.0`` (conv3x3 to 2x channels + PixelShuffle(2)), concat
+  [upsampled, encoder skip], ``reduce_chan_level{3,2}`` (1x1 back to 4C / 2C), ``decoder_level{3,2}.{i}``;
+* decoder level 1: ``up2_1`` to C, concat with the level-1 skip -> 2C (no reduction),
+  ``decoder_level1.{i}`` and ``refinement.{i}`` at 2C;
+* ``output`` conv3x3 2C -> out_channels, plus the input image (global residual).
 
 Every SS2D has ``d_state = 16`` (official: ``base_d_state = 4`` times 4, and 4 / 2 * 8 for the latent).
 
