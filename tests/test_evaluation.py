@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 
+import cv2
 import pytest
 import torch
+from basicsr.archs import build_network
 from conftest import run_cli
-from tiny_experiments import write_options
+from tiny_experiments import load_options, write_options
 
 from basicsr_mambair.inference import forward_official_tiles, forward_self_ensemble, forward_tiled, tile_starts
 
@@ -108,3 +110,26 @@ def test_self_ensemble_is_mean_of_eight_transformed_forwards():
     ens = forward_self_ensemble(net, x)
     assert torch.allclose(ens, torch.stack(expected).mean(0), atol=1e-6)
     assert not torch.allclose(ens, net(x), atol=1e-3)  # the ensemble really differs from one pass
+
+
+def test_denoising_tables_are_reproducible(tmp_path, shared_data):
+    """Validation noise is seeded per image: two runs of a colour-DN test print the same table."""
+    gt = tmp_path / 'CBSD68HQ'
+    gt.mkdir()
+    for path in sorted((shared_data / 'CBSD68').glob('*.png'))[:3]:
+        cv2.imwrite(str(gt / path.name), cv2.imread(str(path))[:40, :48])
+    net = dict(load_options('test/test_MambaIR_ColorDN_level25.yml')['network_g'], embed_dim=30, depths=[1],
+               d_state=4)
+    weights = tmp_path / 'dn.pth'
+    torch.save({'params': build_network(net).state_dict()}, weights)
+    opt = load_options('test/test_MambaIR_ColorDN_level25.yml')
+    opt['datasets'] = {'test_1': dict(opt['datasets']['test_1'], dataroot_gt=str(gt))}
+    opt.update(network_g=net, path=dict(pretrain_network_g=str(weights), strict_load_g=True))
+    opt_file = write_options(tmp_path / 'dn.yml', opt)
+    tables = []
+    for _ in range(2):
+        run_cli('mambair-test', '-opt', str(opt_file), cwd=tmp_path)
+        results = tmp_path / 'results' / opt['name']
+        tables.append(((results / 'results.md').read_text(), (results / 'per_image.csv').read_text()))
+    assert tables[0] == tables[1]
+    assert '| CBSD68 | 3 |' in tables[0][0]

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import cv2
 import pytest
 import torch
-import yaml
-from conftest import REPO, run_cli
-from tiny_experiments import write_options
+from conftest import run_cli
+from tiny_experiments import load_options
 
 from basicsr_mambair.archs.mambairunet_arch import MambaIRUNet
 from basicsr_mambair.models.lr_scheduler import CosineAnnealingRestartCyclicLR
 
 TINY_UNET = dict(dim=32, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, mlp_ratio=1.5)
-
-
-def _options(name: str) -> dict:
-    """A shipped option file as plain dicts, parsed as BasicSR parses it."""
-    from basicsr.utils.options import ordered_yaml
-
-    return json.loads(json.dumps(yaml.load((REPO / 'options' / name).read_text(), Loader=ordered_yaml()[0])))
 
 
 # real SIDD crops (image index -> height, width): small enough for one core, one of odd size
@@ -69,7 +60,7 @@ def test_cyclic_cosine_schedule_of_the_official_recipe():
 
 def test_tiny_training_goes_through_progressive_stages(tmp_path, sidd_pairs):
     noisy, clean = sidd_pairs
-    opt = _options('train/train_MambaIR_RealDN.yml')
+    opt = load_options('train/train_MambaIR_RealDN.yml')
     opt['name'] = 'tiny_realdn'
     train = opt['datasets']['train']
     train.update(dataroot_gt=str(clean), dataroot_lq=str(noisy), num_worker_per_gpu=0, batch_size_per_gpu=4,
@@ -97,7 +88,7 @@ def test_folder_test_option_on_real_pairs_of_any_size(tmp_path, sidd_pairs):
     noisy, clean = sidd_pairs
     weights = tmp_path / 'tiny_unet.pth'
     torch.save({'params': MambaIRUNet(**TINY_UNET).state_dict()}, weights)
-    opt = _options('test/test_MambaIR_RealDN_folder.yml')
+    opt = load_options('test/test_MambaIR_RealDN_folder.yml')
     opt['datasets']['test_1'].update(dataroot_gt=str(clean), dataroot_lq=str(noisy))
     opt['network_g'].update(TINY_UNET)
     opt['path']['pretrain_network_g'] = str(weights)

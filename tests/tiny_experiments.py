@@ -55,6 +55,11 @@ def sr_train_options(name: str, hr_dir: Path, lr_dir: Path, network: dict, scale
     )
 
 
+def load_options(relative: str) -> dict:
+    """A shipped option file (``options/<relative>``) as plain dicts."""
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / 'options' / relative).read_text())
+
+
 def write_options(path: Path, opt: dict) -> Path:
     path.write_text(yaml.safe_dump(opt, sort_keys=False))
     return path
