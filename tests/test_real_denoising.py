@@ -8,7 +8,7 @@ import cv2
 import pytest
 import torch
 from conftest import run_cli
-from tiny_experiments import load_options
+from tiny_experiments import load_options, write_options
 
 from basicsr_mambair.archs.mambairunet_arch import MambaIRUNet
 from basicsr_mambair.models.lr_scheduler import CosineAnnealingRestartCyclicLR
