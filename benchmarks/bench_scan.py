@@ -1,7 +1,10 @@
 """Benchmark of the selective scan on CPU (a benchmark, not a test; needs the ``bench`` extra: mambapy).
 
 Compares, in one run and at the shapes MambaIR scans, our chunked ``torch`` backend with the sequential
-``reference`` loop and with mambapy's parallel scan (``mambapy.pscan``): error against a float64
+``reference`` backend (a lean loop over time on (batch, dim, N) states), with ``seq_full``, the sequential
+loop structured like ``mamba_ssm``'s ``selective_scan_ref`` (decays and inputs precomputed as
+(batch, dim, L, N) tensors, one einsum per step), and with mambapy's parallel scan (``mambapy.pscan``):
+error against a float64
 sequential evaluation, median time of repeated runs after warm-up (forward under ``no_grad``, and
 forward+backward), and peak extra memory (resident set growth of a fresh process running it once).
 It also times the machine's elementwise floor for the same element count: a multiply (dt * A), an exp
@@ -27,6 +30,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -66,10 +70,12 @@ SHAPES = {
     'c': Shape('c', 'training', 4, 480, 4, 16, 4096, ('fwd+bwd',)),
     'd': Shape('d', 'large image', 1, 480, 4, 16, 65536, ('fwd',)),
 }
-IMPLS = ('ours', 'reference', 'mambapy')
+IMPLS = ('ours', 'reference', 'seq_full', 'mambapy')
+IMPL_MODES = {'seq_full': ('fwd',)}  # its backward (autograd through 4096 einsums) takes minutes
 # rough peak memory of one run in (batch, dim, L, N) float32 tensors, to skip what cannot fit
 STATE_COPIES = {('mambapy', 'fwd'): 6, ('mambapy', 'fwd+bwd'): 12, ('reference', 'fwd'): 0.5,
-                ('reference', 'fwd+bwd'): 8, ('ours', 'fwd'): 0.5, ('ours', 'fwd+bwd'): 1}
+                ('reference', 'fwd+bwd'): 8, ('seq_full', 'fwd'): 6, ('seq_full', 'fwd+bwd'): 12,
+                ('ours', 'fwd'): 0.5, ('ours', 'fwd+bwd'): 1}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +122,25 @@ def run_mambapy(u, delta, A, B, C, D, delta_bias):
     return (y + D * x).transpose(1, 2)
 
 
-RUNNERS: Dict[str, Callable] = {'ours': run_ours, 'reference': run_reference, 'mambapy': run_mambapy}
+def run_seq_full(u, delta, A, B, C, D, delta_bias):
+    """Sequential loop over precomputed (b, dim, L, N) decays and inputs, one einsum per step (the structure
+    of mamba_ssm's ``selective_scan_ref``, the usual reference implementation)."""
+    dt = torch.nn.functional.softplus(delta + delta_bias[:, None])
+    b, d, L = u.shape
+    Bf = B.repeat_interleave(d // B.shape[1], dim=1)  # (b, d, N, L)
+    Cf = C.repeat_interleave(d // C.shape[1], dim=1)
+    decay = torch.exp(torch.einsum('bdl,dn->bdln', dt, A))
+    inp = torch.einsum('bdl,bdnl,bdl->bdln', dt, Bf, u)
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(L):
+        h = decay[:, :, t] * h + inp[:, :, t]
+        ys.append(torch.einsum('bdn,bdn->bd', h, Cf[:, :, :, t]))
+    return torch.stack(ys, dim=2) + u * D[:, None]
+
+
+RUNNERS: Dict[str, Callable] = {'ours': run_ours, 'reference': run_reference, 'seq_full': run_seq_full,
+                                'mambapy': run_mambapy}
 GRAD_KEYS = ('u', 'delta', 'A', 'B', 'C')
 
 
@@ -181,14 +205,32 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def memory_child(shape_key: str, impl: str, mode: str) -> None:
-    """In a fresh process: peak resident growth (MB) of one run, printed as JSON."""
+def cotangent(s: Shape) -> torch.Tensor:
+    """Fixed output gradient for the forward+backward runs."""
+    return torch.randn(s.batch, s.dim, s.length, generator=torch.Generator().manual_seed(1))
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+
+
+def reference64(s: Shape, mem_limit: float, path: Path) -> None:
+    """Float64 sequential evaluation (output; input gradients where the memory allows) saved to ``path``."""
+    inputs64 = {k: v.double() for k, v in make_inputs(s).items()}
+    with torch.no_grad():
+        ref = {'fwd': run_reference(**inputs64)}
+    if 'fwd+bwd' in s.modes and 2 * STATE_COPIES['reference', 'fwd+bwd'] * s.state_elems * 4 <= mem_limit:
+        ref['grads'] = run_once('reference', 'fwd+bwd', inputs64, cotangent(s).double())[1]
+    torch.save(ref, path)
+
+
+def child(shape_key: str, impl: str, mode: str, ref_path: str) -> None:
+    """In a fresh process: peak resident growth (MB) of one run and its error, printed as JSON."""
     torch.set_num_threads(1)
     s = SHAPES[shape_key]
     small = dataclasses.replace(s, batch=1, dim=s.groups * 2, length=64)
     run_once(impl, mode, make_inputs(small), torch.ones(1, small.dim, small.length))  # lazy inits
-    inputs = make_inputs(s)
-    cot = torch.randn(s.batch, s.dim, s.length)
+    inputs, cot = make_inputs(s), cotangent(s)
     gc.collect()
     try:  # reset the high-water mark to the current resident size
         with open('/proc/self/clear_refs', 'w') as f:
@@ -196,45 +238,30 @@ def memory_child(shape_key: str, impl: str, mode: str) -> None:
     except OSError:
         pass
     base = _rss_kb('VmRSS')
-    run_once(impl, mode, inputs, cot)
-    print(json.dumps({'peak_extra_mb': (_rss_kb('VmHWM') - base) / 1024}))
+    y, grads = run_once(impl, mode, inputs, cot)
+    peak = (_rss_kb('VmHWM') - base) / 1024
+    error = None
+    if ref_path:
+        ref = torch.load(ref_path)
+        if mode == 'fwd':
+            error = rel_err(y, ref['fwd'])
+        elif 'grads' in ref:
+            error = max(rel_err(g, r) for g, r in zip(grads, ref['grads']))
+    print(json.dumps({'peak_mb': peak, 'error': error}))
 
 
-def measure_memory(s: Shape, impl: str, mode: str) -> float | None:
-    cmd = [sys.executable, __file__, '--memory-child', s.key, impl, mode]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def measure_child(s: Shape, impl: str, mode: str, ref_path: Path | None) -> Dict[str, float | None]:
+    cmd = [sys.executable, __file__, '--child', s.key, impl, mode, str(ref_path or '')]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     if proc.returncode != 0:
-        print(f'  memory run failed for {impl} {mode}: {proc.stderr.strip()[-300:]}', file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])['peak_extra_mb']
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
-
-
-def check(s: Shape, impls: List[str], mem_limit: float, max_seconds: float) -> Dict[str, Dict[str, float]]:
-    """Max error relative to max |value| against the float64 sequential evaluation, per impl and mode."""
-    inputs = make_inputs(s)
-    inputs64 = {k: v.double() for k, v in inputs.items()}
-    cot = torch.randn(s.batch, s.dim, s.length, generator=torch.Generator().manual_seed(1))
-    out: Dict[str, Dict[str, float]] = {impl: {} for impl in impls}
-    with torch.no_grad():
-        y64 = run_reference(**inputs64)
-    for impl in impls:
-        if not skip_reason(s, impl, 'fwd', mem_limit):
-            out[impl]['fwd'] = rel_err(run_once(impl, 'fwd', inputs, cot)[0], y64)
-    if 'fwd+bwd' in s.modes and 2 * STATE_COPIES['reference', 'fwd+bwd'] * s.state_elems * 4 <= mem_limit:
-        _, g64 = run_once('reference', 'fwd+bwd', inputs64, cot.double())
-        for impl in impls:
-            if not skip_reason(s, impl, 'fwd+bwd', mem_limit):
-                _, grads = run_once(impl, 'fwd+bwd', inputs, cot)
-                out[impl]['grad'] = max(rel_err(g, r) for g, r in zip(grads, g64))
-    return out
+        print(f'  child run failed for {impl} {mode}: {proc.stderr.strip()[-300:]}', file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def skip_reason(s: Shape, impl: str, mode: str, mem_limit: float) -> str:
+    if mode not in IMPL_MODES.get(impl, (mode,)):
+        return f'{mode} not run'
     need = STATE_COPIES[impl, mode] * s.state_elems * 4
     return f'needs ~{need / 2**30:.0f} GB' if need > mem_limit else ''
 
@@ -286,7 +313,8 @@ def targets(rows: List[Dict[str, object]], threads: List[int]) -> List[str]:
         ours = get('a', 'fwd', thr, 'ours')
         if ours is None:
             continue
-        for impl, mode, goal in (('reference', 'fwd', 12), ('mambapy', 'fwd', 8), ('reference', 'fwd+bwd', 10)):
+        for impl, mode, goal in (('reference', 'fwd', 12), ('seq_full', 'fwd', 12), ('mambapy', 'fwd', 8),
+                                 ('reference', 'fwd+bwd', 10)):
             t, o = get('a', mode, thr, impl), get('a', mode, thr, 'ours')
             if t and o:
                 line(f'(a) {mode} {thr} thread(s): ours {t / o:.1f}x faster than {impl} (goal >= {goal}x)',
@@ -296,10 +324,11 @@ def targets(rows: List[Dict[str, object]], threads: List[int]) -> List[str]:
             line(f'(a) fwd {thr} thread(s): ours = {ours / floor:.2f}x the elementwise floor (goal <= 3x)',
                  ours / floor <= 3)
     for mode in ('fwd', 'fwd+bwd'):
-        o, r = get('a', mode, threads[0], 'ours', 'peak_mb'), get('a', mode, threads[0], 'reference', 'peak_mb')
-        if o is not None and r:
-            line(f'(a) {mode} peak extra memory: ours {o:.0f} MB vs reference {r:.0f} MB (goal <= 1/5)',
-                 o <= r / 5)
+        for impl in (('reference', 'seq_full') if mode == 'fwd' else ('reference',)):
+            o, r = get('a', mode, threads[0], 'ours', 'peak_mb'), get('a', mode, threads[0], impl, 'peak_mb')
+            if o is not None and r:
+                line(f'(a) {mode} peak extra memory: ours {o:.0f} MB vs {impl} {r:.0f} MB (goal <= 1/5)',
+                     o <= r / 5)
     d = get('d', 'fwd', threads[0], 'ours', 'peak_mb')
     if d is not None:
         line(f'(d) fwd peak extra memory: ours {d:.0f} MB (goal well under 2 GB)', d < 1024)
@@ -315,14 +344,13 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--max-seconds', type=float, default=60, help='time budget per measurement (slow impls repeat less)')
     p.add_argument('--mem-limit-gb', type=float, default=8, help='skip runs estimated to need more memory')
-    p.add_argument('--no-memory', action='store_true', help='skip the peak memory subprocess runs')
-    p.add_argument('--no-check', action='store_true', help='skip the float64 error check')
+    p.add_argument('--quick', action='store_true', help='times only: no float64 error check, no memory runs')
     p.add_argument('--json', type=Path, help='write the results as JSON')
     p.add_argument('--markdown', type=Path, help='write the results as a Markdown table')
-    p.add_argument('--memory-child', nargs=3, help=argparse.SUPPRESS)
+    p.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.memory_child:
-        return memory_child(*args.memory_child)
+    if args.child:
+        return child(*args.child)
     if 'mambapy' in args.impls:
         try:
             import mambapy.pscan  # noqa: F401
@@ -337,23 +365,24 @@ def main(argv: List[str] | None = None) -> None:
     for key in args.shapes:
         s = SHAPES[key]
         print(f'\n{s.label()}', flush=True)
-        errors = {} if args.no_check else check(s, args.impls, mem_limit, args.max_seconds)
-        mem = {}
-        if not args.no_memory:
-            for mode in s.modes:
-                for impl in args.impls:
-                    if not skip_reason(s, impl, mode, mem_limit):
-                        mem[impl, mode] = measure_memory(s, impl, mode)
-        inputs = make_inputs(s)
-        cot = torch.randn(s.batch, s.dim, s.length)
+        measured = {}
+        if not args.quick:  # memory and error of each implementation, one fresh process per run
+            with tempfile.TemporaryDirectory() as tmp:
+                ref_path = Path(tmp) / 'ref64.pt'
+                reference64(s, mem_limit, ref_path)
+                for mode in s.modes:
+                    for impl in args.impls:
+                        if not skip_reason(s, impl, mode, mem_limit):
+                            measured[impl, mode] = measure_child(s, impl, mode, ref_path)
+        inputs, cot = make_inputs(s), cotangent(s)
         for thr in args.threads:
             torch.set_num_threads(thr)
             for mode in s.modes:
                 times = {}
-                for impl in args.impls:
+                for impl in [i for i in args.impls if mode in IMPL_MODES.get(i, (mode,))]:
                     row = {'shape': key, 'mode': mode, 'threads': thr, 'impl': impl,
-                           'peak_mb': mem.get((impl, mode)),
-                           'error': errors.get(impl, {}).get('fwd' if mode == 'fwd' else 'grad')}
+                           'peak_mb': measured.get((impl, mode), {}).get('peak_mb'),
+                           'error': measured.get((impl, mode), {}).get('error')}
                     why = skip_reason(s, impl, mode, mem_limit)
                     if why:
                         row['skipped'] = f'skipped ({why})'

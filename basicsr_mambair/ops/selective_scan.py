@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import warnings
 from typing import Callable, Iterator, Tuple, Union
@@ -35,14 +36,16 @@ ENV_VAR = 'MAMBAIR_SCAN'
 # Chunk length T: the scan runs sequentially over the T steps of a chunk, for many chunks at once, so
 # one tensor op advances (chunks x batch x dim x N) states. T trades the number of these per-step ops
 # (fewer groups when T is small) against the sequential chunk-to-chunk carry (L / T tiny ops).
-CHUNK_LEN = 16
+CHUNK_LEN = 32
 # Elements of one (T, chunks, batch, dim, N) work buffer: ~8 MB in float32, so a group's buffers stay
 # in the last-level cache and the peak extra memory does not grow with L.
-GROUP_ELEMS = 1 << 21
+GROUP_ELEMS = 1 << 20
 # Step ops cover at most this many elements: ATen runs ops below its grain size (32768) serially on the
 # calling thread, so the T-step loops never enter an OpenMP region (which stalls for a scheduler tick
 # whenever another process holds a core).
 SERIAL_ELEMS = 32000
+
+LOG2E = math.log2(math.e)
 
 _logger = logging.getLogger('basicsr')
 _override: str | None = None
@@ -191,47 +194,31 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
     return B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
 
 
-class _Softplus(torch.autograd.Function):
-    """softplus with the threshold of mamba_ssm's kernel (x > 20 -> x), from vectorised ops.
-
-    ATen's CPU softplus (and log1p) is a scalar loop, ~10 ns per element; this is ~2x faster.
-    log1p(y) = log(1 + y) * y / ((1 + y) - 1) is exact to a few ulps (Goldberg's trick).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        y = torch.exp(-x.abs())
-        w = 1 + y
-        log1p = torch.where(w == 1, y, torch.log(w).mul_(y).div_(w - 1))
-        return torch.where(x > 20, x, x.clamp(min=0).add_(log1p))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.where(x > 20, grad, grad * torch.sigmoid(x))
+def _grouped(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """B or C as (batch, G, N, L) in ``dtype`` (a view when possible; (batch, N, L) is shared by all G)."""
+    return (t.unsqueeze(1) if t.dim() == 3 else t).to(dtype).expand(-1, groups, -1, -1)
 
 
 def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
-             delta_softplus: bool, fast_softplus: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Cast to the computation dtype, apply bias/softplus to delta, give B and C a group axis."""
+             delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference path: cast to the computation dtype, dt = softplus(delta + bias), B and C with a group axis."""
     groups = _check_shapes(u, delta, A, B, C)
     cd = _compute_dtype(u.dtype)
     dt = delta.to(cd)
     if delta_bias is not None:
         dt = dt + delta_bias.to(cd)[:, None]
-    if delta_softplus:  # threshold 20, as in mamba_ssm's kernel
-        dt = _Softplus.apply(dt) if fast_softplus else F.softplus(dt)
-    B = (B.unsqueeze(1) if B.dim() == 3 else B).to(cd).expand(-1, groups, -1, -1)
-    C = (C.unsqueeze(1) if C.dim() == 3 else C).to(cd).expand(-1, groups, -1, -1)
-    return u.to(cd), dt, A.to(cd), B, C
+    if delta_softplus:
+        dt = F.softplus(dt)  # threshold 20, as in mamba_ssm's kernel
+    return u.to(cd), dt, A.to(cd), _grouped(B, groups, cd), _grouped(C, groups, cd)
 
 
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype,
+            inplace: bool = False) -> Tensor:
+    """y + D u, times silu(z), in ``out_dtype``; ``inplace`` (y is ours, no autograd) saves two copies."""
     if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
+        y = y.addcmul_(u, D.to(y.dtype)[:, None]) if inplace else y + u * D.to(y.dtype)[:, None]
     if z is not None:
-        y = y * F.silu(z.to(y.dtype))
+        y = y.mul_(F.silu(z.to(y.dtype))) if inplace else y * F.silu(z.to(y.dtype))
     return y.to(out_dtype)
 
 
@@ -266,23 +253,23 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
 # ------------------------------------------------------------------------------------------------
 # torch backend: chunked scan
 # ------------------------------------------------------------------------------------------------
-# Layout. Time is cut into chunks of T steps; consecutive chunks form a group of K chunks (K * T steps)
-# that is processed at once in buffers shaped (T, K, batch, G, N, H) with H = dim // G channels per
-# group innermost. Slab [t] holds step t of all K chunks, so the recurrence within the chunks advances
-# with one op per step on K * batch * dim * N elements:
+# Layout. Inputs are first copied "step-major", (batch, Lp, G, X) with L zero-padded to Lp, so that the
+# values of one time step are contiguous. Time is cut into chunks of T steps; K consecutive chunks form
+# a group that is processed at once in (T, K, batch, G, N, H) buffers (H = dim // G channels per group
+# innermost): slab [t] holds step t of all K chunks, so one op advances K * batch * dim * N states.
 #   sweep 1: run every chunk from a zero state to get its local end state,
-#   carry:   chain the chunks (start[k+1] = P[k] * start[k] + end[k], P[k] = exp(A * sum of dt in k)),
+#   carry:   chain the chunks: start[k+1] = P[k] * start[k] + end[k], P[k] = exp(A * (sum of dt in k)),
 #   sweep 2: rerun every chunk from its true start state, keeping all states h for y = C . h.
-# All exponents are dt * A or A * (sum of dt) <= 0 for A <= 0, dt >= 0: only products of decays,
-# never a division by one, so long sequences and large decays underflow gracefully to 0.
-# The state at each chunk start is saved for backward (batch * dim * N * L / T values); backward
-# recomputes the states of one group at a time and runs the adjoint recurrence backwards the same way.
+# All exponents are dt * A or A * (sum of dt) <= 0 for A <= 0, dt >= 0: only products of decays, never a
+# division by one, so long sequences and large decays underflow gracefully to 0. The state at each chunk
+# start is saved for backward (batch * dim * N * L / T values); backward recomputes the states of one
+# group at a time and runs the adjoint recurrence backwards with the same scheme.
 
 class _Plan:
     """Shapes of one chunked scan: T steps per chunk, K chunks per group, L padded to Lp."""
 
     def __init__(self, batch: int, dim: int, groups: int, n: int, length: int, chunk: int, group_elems: int):
-        self.batch, self.groups, self.n, self.h = batch, groups, n, dim // groups
+        self.batch, self.groups, self.n, self.h, self.length = batch, groups, n, dim // groups, length
         self.T = max(1, min(chunk, length))
         self.chunks = -(-length // self.T)
         self.Lp = self.chunks * self.T
@@ -296,6 +283,24 @@ class _Plan:
     def steps(self, tm: Tensor, c0: int, k: int) -> Tensor:
         """View of a step-major (batch, Lp, G, X) tensor for group (c0, k) as (T, k, batch, G, X)."""
         return tm[:, c0 * self.T:(c0 + k) * self.T].unflatten(1, (k, self.T)).permute(2, 1, 0, 3, 4)
+
+    def store(self, dst: Tensor, src: Tensor, c0: int, k: int) -> None:
+        """Write a group's (T, k, batch, G, X) values into ``dst`` (batch, G, X, L), dropping the padding."""
+        T, s = self.T, c0 * self.T
+        full = min(k, (self.length - s) // T)  # chunks entirely within L
+        if full:
+            dst[..., s:s + full * T].unflatten(-1, (full, T)).permute(4, 3, 0, 1, 2).copy_(src[:, :full])
+        rest = self.length - s - full * T
+        if full < k and rest > 0:
+            dst[..., s + full * T:self.length].permute(3, 0, 1, 2).copy_(src[:rest, full])
+
+    def scratch(self, ref: Tensor, count: int, n: int) -> Tuple[Tensor, ...]:
+        """``count`` flat buffers for one group's (T, K, batch, G, n, H) values."""
+        return ref.new_empty(count, self.T * self.K * self.batch * self.groups * n * self.h).unbind(0)
+
+    def view(self, buf: Tensor, k: int, n: int) -> Tensor:
+        shape = (self.T, k, self.batch, self.groups, n, self.h)
+        return buf[:math.prod(shape)].view(shape)
 
 
 def _to_steps(t: Tensor, lp: int, groups: int) -> Tensor:
@@ -312,19 +317,32 @@ def _to_steps(t: Tensor, lp: int, groups: int) -> Tensor:
     return out.view(batch, lp, groups, -1)
 
 
-def _from_steps(tm: Tensor, length: int) -> Tensor:
-    """(batch, Lp, G, X) -> (batch, G * X, L), the inverse of :func:`_to_steps` (drops the padding)."""
-    batch, lp = tm.shape[:2]
-    rows = tm.reshape(batch, lp, -1)
-    out = tm.new_empty(batch, rows.shape[-1], length)
-    for i in range(batch):
-        out[i].copy_(rows[i, :length].t())
-    return out
+def _softplus(x: Tensor, inplace: bool = False) -> Tensor:
+    """softplus with mamba_ssm's threshold (x > 20 -> x), from vectorised ops; ``inplace`` overwrites x.
+
+    ATen's CPU softplus and log1p are scalar loops (~10 ns per element). softplus(x) = max(x, 0) + log1p(y),
+    y = exp(-|x|), with log1p(y) = log(w) - ((w - 1) - y) / w for w = 1 + y rounded: the correction term is
+    computed exactly (Sterbenz), so the result is within about an ulp, also where w rounds to 1.
+    """
+    y = x.abs().neg_().exp_()
+    w = y + 1
+    w.sub_(1)  # w - 1, exact
+    y.sub_(w).neg_().div_(w.add_(1))  # ((w - 1) - y) / w
+    log1p = w.log_().sub_(y)
+    if x.dtype != torch.float64:  # above 20, x + log1p(exp(-x)) rounds to x in float32
+        return torch.clamp(x, min=0, out=x if inplace else None).add_(log1p)
+    return torch.where(x > 20, x, torch.clamp(x, min=0).add_(log1p))
+
+
+def _span_len() -> int:
+    """Columns per step op: a whole slab with one thread (no OpenMP regions anyway), else SERIAL_ELEMS."""
+    return SERIAL_ELEMS if torch.get_num_threads() > 1 else 1 << 62
 
 
 def _spans(lo: int, hi: int) -> Iterator[Tuple[int, int]]:
-    for i in range(lo, hi, SERIAL_ELEMS):
-        yield i, min(i + SERIAL_ELEMS, hi)
+    step = _span_len()
+    for i in range(lo, hi, step):
+        yield i, min(i + step, hi)
 
 
 def _sweep(a: Tensor, h: Tensor, lo: int, hi: int, out: Tensor | None = None, reverse: bool = False) -> None:
@@ -332,8 +350,8 @@ def _sweep(a: Tensor, h: Tensor, lo: int, hi: int, out: Tensor | None = None, re
 
     Forward: h[t] += a[t] * h[t-1] for t = 1..T-1. Reverse: h[t] += a[t+1] * h[t+1] for t = T-2..0.
     With ``out`` (size hi - lo) the buffers are left unchanged and only the final value is written there.
-    Each op covers at most SERIAL_ELEMS columns, so it runs on the calling thread: a step loop of
-    OpenMP regions stalls when another process holds a core.
+    With several threads each op covers at most SERIAL_ELEMS columns, so ATen runs it on the calling
+    thread: a loop of small OpenMP regions stalls whenever another process holds a core.
     """
     T = a.shape[0]
     order = range(T - 2, -1, -1) if reverse else range(1, T)
@@ -350,26 +368,24 @@ def _sweep(a: Tensor, h: Tensor, lo: int, hi: int, out: Tensor | None = None, re
             torch.addcmul(hv[t], av[t + 1] if reverse else av[t], acc, out=acc)
 
 
-def _group_forward(a: Tensor, h: Tensor, dt: Tensor, x: Tensor, B: Tensor, A: Tensor, carry: Tensor,
+def _group_forward(a: Tensor, h: Tensor, dt: Tensor, x: Tensor, B: Tensor, A2: Tensor, carry: Tensor,
                    starts: Tensor) -> None:
-    """States of one group into ``h`` and decays into ``a``; chunk start states into ``starts``.
+    """States of one group into ``h``, decays into ``a``, chunk start states into ``starts``.
 
-    a, h: (T, K, b, G, N, H) buffers; dt, x: (T, K, b, G, 1, H); B: (T, K, b, G, N, 1); A: (G, N, H);
-    carry: (b, G, N, H) state before the group; starts: (K, b, G, N, H).
+    a, h: (T, K, b, G, N, H) buffers; dt, x = dt * u: (T, K, b, G, 1, H); B: (T, K, b, G, N, 1);
+    A2 = A * log2(e): (G, N, H); carry: (b, G, N, H) state before the group; starts: (K, b, G, N, H).
     """
     T, k = a.shape[0], a.shape[1]
     S = carry.numel()
-    torch.mul(dt, A, out=a)
-    a.exp_()
+    torch.mul(dt, A2, out=a).exp2_()
     torch.mul(x, B, out=h)
     h[0, 0].addcmul_(a[0, 0], carry)  # chunk 0 continues from the previous group
     af, hf, sf = a.view(T, -1), h.view(T, -1), starts.view(k, -1)
     starts[0] = carry
     if k > 1:
-        ends = sf[1:]  # sweep 1: local end state of chunks 0..k-2 (true one for chunk 0) ...
-        _sweep(af, hf, 0, (k - 1) * S, out=ends.view(-1))
+        _sweep(af, hf, 0, (k - 1) * S, out=sf[1:].view(-1))  # local end states of chunks 0..k-2 ...
         if k > 2:  # ... chained: start[c + 1] = end[c] + (decay over chunk c) * start[c]
-            decay = torch.exp(dt[:, 1:k - 1].sum(0) * A).view(k - 2, -1)
+            decay = torch.exp2(dt[:, 1:k - 1].sum(0) * A2).view(k - 2, -1)
             for c in range(1, k - 1):
                 sf[c + 1].addcmul_(decay[c - 1], sf[c])
         for s0, s1 in _spans(S, k * S):  # sweep 2 from the true chunk starts
@@ -377,7 +393,7 @@ def _group_forward(a: Tensor, h: Tensor, dt: Tensor, x: Tensor, B: Tensor, A: Te
     _sweep(af, hf, 0, k * S)
 
 
-def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A: Tensor, carry: Tensor) -> Tensor:
+def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A2: Tensor, carry: Tensor) -> Tensor:
     """Adjoint states of one group into ``g`` (which holds C * dy on entry); returns the carry to pass on.
 
     g[t] = C[t] dy[t] + a[t+1] g[t+1]. carry: (b, G, N, H), the adjoint flowing into the group's last
@@ -394,7 +410,7 @@ def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A: Tensor, carry: Tensor) -
         # into the last step of chunk c flows a[0, c+1] * (true adjoint at step 0 of chunk c+1)
         ins[k - 2].mul_(a[0, k - 1])
         if k > 2:
-            decay = torch.exp(dt[1:, 1:k - 1].sum(0) * A)  # decay over steps 1..T-1 of chunks 1..k-2
+            decay = torch.exp2(dt[1:, 1:k - 1].sum(0) * A2)  # decay over steps 1..T-1 of chunks 1..k-2
             for c in range(k - 2, 0, -1):
                 ins[c - 1].addcmul_(decay[c - 1], ins[c]).mul_(a[0, c])
         insf = ins.view(-1)
@@ -405,134 +421,143 @@ def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A: Tensor, carry: Tensor) -
 
 
 class _Inputs:
-    """Time-major, zero-padded copies of the scan inputs (1/N of the state size each)."""
+    """Step-major (batch, Lp, G, X) inputs of the chunked scan; ``pre`` = delta + bias is kept for backward."""
 
-    def __init__(self, p: _Plan, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor):
-        G = p.groups
-        self.dt = _to_steps(dt, p.Lp, G)  # (b, Lp, G, H); padding dt = 0: decay 1, the state carries over
-        self.x = _to_steps(u, p.Lp, G).mul_(self.dt)  # dt * u; padding 0: no input
+    def __init__(self, p: _Plan, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None,
+                 softplus: bool, keep_pre: bool):
+        G, L = p.groups, p.length
+        pre = _to_steps(delta, p.Lp, G)
+        if bias is not None:
+            pre[:, :L] += bias.view(G, p.h)
+        if softplus and p.Lp > L:
+            pre[:, L:] = -math.inf  # softplus(-inf) = 0: padded steps get dt = 0 (decay 1, the state carries)
+        self.pre = pre if softplus and keep_pre else None
+        self.dt = _softplus(pre, inplace=not keep_pre) if softplus else pre
+        self.u = _to_steps(u, p.Lp, G)  # padding 0: no input
         self.B = _to_steps(B, p.Lp, G)  # (b, Lp, G, N)
         self.C = _to_steps(C, p.Lp, G)
         self.A = A.view(G, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
+        self.A2 = self.A * LOG2E  # decays are exp2(dt * A * log2(e)), as in mamba_ssm's kernel
 
 
-def _buffers(p: _Plan, ref: Tensor, count: int) -> Tensor:
-    return ref.new_empty(count, p.T * p.K * p.batch * p.groups * p.n * p.h)
-
-
-def _views(p: _Plan, buf: Tensor, k: int) -> Tuple[Tensor, ...]:
-    shape = (p.T, k, p.batch, p.groups, p.n, p.h)
-    size = p.T * k * p.batch * p.groups * p.n * p.h
-    return tuple(b[:size].view(shape) for b in buf)
-
-
-def _chunked_forward(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, p: _Plan,
-                     save_starts: bool) -> Tuple[Tensor, Tensor, Tensor | None]:
-    """y (b, dim, L), last state (b, dim, N) and, with ``save_starts``, every chunk's start state.
-
-    u, dt: (b, dim, L); A: (dim, N); B, C: (b, G, N, L); all in the computation dtype.
-    """
-    inp = _Inputs(p, u, dt, A, B, C)
+def _chunked_forward(inp: _Inputs, p: _Plan, save_starts: bool) -> Tuple[Tensor, Tensor, Tensor | None]:
+    """y (b, dim, L), last state (b, dim, N) and, with ``save_starts``, every chunk's start state."""
     G, N, H, T = p.groups, p.n, p.h, p.T
-    y_tm = u.new_empty(p.batch, p.Lp, G, H)
-    buf = _buffers(p, u, 2)
-    carry = u.new_zeros(p.batch, G, N, H)
-    starts_all = u.new_empty(p.chunks, p.batch, G, N, H) if save_starts else None
-    starts_tmp = None if save_starts else u.new_empty(p.K, p.batch, G, N, H)
+    ref = inp.u
+    y = ref.new_empty(p.batch, G, H, p.length)
+    a_buf, h_buf = p.scratch(ref, 2, N)
+    (x_buf,) = p.scratch(ref, 1, 1)
+    carry = ref.new_zeros(p.batch, G, N, H)
+    starts_all = ref.new_empty(p.chunks, p.batch, G, N, H) if save_starts else None
+    starts_tmp = None if save_starts else ref.new_empty(p.K, p.batch, G, N, H)
     for c0, k in p.groups_fwd():
-        a, h = _views(p, buf, k)
+        a, h, x = p.view(a_buf, k, N), p.view(h_buf, k, N), p.view(x_buf, k, 1)
+        dt = p.steps(inp.dt, c0, k).unsqueeze(-2)  # (T, k, b, G, 1, H)
+        torch.mul(p.steps(inp.u, c0, k).unsqueeze(-2), dt, out=x)
         starts = starts_all[c0:c0 + k] if save_starts else starts_tmp[:k]
-        _group_forward(a, h, p.steps(inp.dt, c0, k).unsqueeze(-2), p.steps(inp.x, c0, k).unsqueeze(-2),
-                       p.steps(inp.B, c0, k).unsqueeze(-1), inp.A, carry, starts)
-        p.steps(y_tm, c0, k).copy_(torch.matmul(p.steps(inp.C, c0, k).unsqueeze(-2), h).squeeze(-2))
+        _group_forward(a, h, dt, x, p.steps(inp.B, c0, k).unsqueeze(-1), inp.A2, carry, starts)
+        p.store(y, torch.matmul(p.steps(inp.C, c0, k).unsqueeze(-2), h).squeeze(-2), c0, k)  # y = C . h
         carry = h[T - 1, k - 1].clone()
-    y = _from_steps(y_tm, u.shape[-1])
     last = carry.transpose(-1, -2).reshape(p.batch, G * H, N)
-    return y, last, starts_all
+    return y.view(p.batch, G * H, p.length), last, starts_all
 
 
-def _chunked_backward(dy: Tensor, dlast: Tensor | None, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                      starts_all: Tensor, p: _Plan, needs: Tuple[bool, ...]) -> Tuple[Tensor | None, ...]:
-    """Gradients w.r.t. (u, dt, A, B, C) for output gradients dy (b, dim, L) and dlast (b, dim, N)."""
-    inp = _Inputs(p, u, dt, A, B, C)
-    G, N, H, L = p.groups, p.n, p.h, u.shape[-1]
-    dy_tm = _to_steps(dy, p.Lp, G)
-    dx_tm = u.new_empty(p.batch, p.Lp, G, H)  # gradient w.r.t. x = dt * u
-    ddt_tm = u.new_empty(p.batch, p.Lp, G, H)  # gradient w.r.t. dt through the decay exp(dt * A)
-    dB_tm = u.new_empty(p.batch, p.Lp, G, N) if needs[3] else None
-    dC_tm = u.new_empty(p.batch, p.Lp, G, N) if needs[4] else None
-    dA = u.new_zeros(G, N, H)
-    buf = _buffers(p, u, 3)
-    carry = (u.new_zeros(p.batch, G, N, H) if dlast is None
-             else dlast.to(u.dtype).reshape(p.batch, G, H, N).transpose(-1, -2))
+def _chunked_backward(dy: Tensor, dlast: Tensor | None, inp: _Inputs, starts_all: Tensor, p: _Plan,
+                      needs: Tuple[bool, ...]) -> Tuple[Tensor | None, ...]:
+    """Gradients w.r.t. (u, delta, A, B, C, bias) for output gradients dy (b, dim, L), dlast (b, dim, N)."""
+    G, N, H, L = p.groups, p.n, p.h, p.length
+    ref = inp.u
+    dy_tm = _to_steps(dy.to(ref.dtype), p.Lp, G)
+    du = ref.new_empty(p.batch, G, H, L) if needs[0] else None
+    ddelta = ref.new_empty(p.batch, G, H, L) if needs[1] or needs[5] else None
+    dB = ref.new_empty(p.batch, G, N, L) if needs[3] else None
+    dC = ref.new_empty(p.batch, G, N, L) if needs[4] else None
+    dA = ref.new_zeros(G, N, H)
+    a_buf, h_buf, g_buf = p.scratch(ref, 3, N)
+    (x_buf,) = p.scratch(ref, 1, 1)
+    carry = (ref.new_zeros(p.batch, G, N, H) if dlast is None
+             else dlast.to(ref.dtype).reshape(p.batch, G, H, N).transpose(-1, -2))
     for c0, k in reversed(list(p.groups_fwd())):
-        a, h, g = _views(p, buf, k)
-        dtv, xv = p.steps(inp.dt, c0, k).unsqueeze(-2), p.steps(inp.x, c0, k).unsqueeze(-2)  # (T,k,b,G,1,H)
-        Bv, Cv, dyv = p.steps(inp.B, c0, k), p.steps(inp.C, c0, k), p.steps(dy_tm, c0, k).unsqueeze(-2)
+        a, h, g, x = p.view(a_buf, k, N), p.view(h_buf, k, N), p.view(g_buf, k, N), p.view(x_buf, k, 1)
+        dt, u = p.steps(inp.dt, c0, k).unsqueeze(-2), p.steps(inp.u, c0, k).unsqueeze(-2)  # (T, k, b, G, 1, H)
+        B, C, dyv = p.steps(inp.B, c0, k), p.steps(inp.C, c0, k), p.steps(dy_tm, c0, k).unsqueeze(-2)
         starts = starts_all[c0:c0 + k]
         # recompute this group's states from the saved chunk starts
-        torch.mul(dtv, inp.A, out=a)
-        a.exp_()
-        torch.mul(xv, Bv.unsqueeze(-1), out=h)
-        hf, af = h.view(h.shape[0], -1), a.view(a.shape[0], -1)
+        torch.mul(u, dt, out=x)
+        torch.mul(dt, inp.A2, out=a).exp2_()
+        torch.mul(x, B.unsqueeze(-1), out=h)
+        hf, af = h.view(p.T, -1), a.view(p.T, -1)
         for s0, s1 in _spans(0, hf.shape[1]):
             hf[0, s0:s1].addcmul_(af[0, s0:s1], starts.view(-1)[s0:s1])
         _sweep(af, hf, 0, hf.shape[1])
-        torch.mul(Cv.unsqueeze(-1), dyv, out=g)
-        carry = _group_adjoint(a, g, dtv, inp.A, carry)
-        if dC_tm is not None:  # dC[n] = sum_H h[n] dy
-            p.steps(dC_tm, c0, k).copy_(torch.matmul(dyv, h.transpose(-1, -2)).squeeze(-2))
-        p.steps(dx_tm, c0, k).copy_(torch.matmul(Bv.unsqueeze(-2), g).squeeze(-2))  # dx = sum_N g B
-        if dB_tm is not None:  # dB[n] = sum_H g[n] x
-            p.steps(dB_tm, c0, k).copy_(torch.matmul(xv, g.transpose(-1, -2)).squeeze(-2))
+        torch.mul(C.unsqueeze(-1), dyv, out=g)
+        carry = _group_adjoint(a, g, dt, inp.A2, carry)
+        if dC is not None:  # dC[n] = sum_H h[n] dy
+            p.store(dC, torch.matmul(dyv, h.transpose(-1, -2)).squeeze(-2), c0, k)
+        if dB is not None:  # dB[n] = sum_H g[n] x
+            p.store(dB, torch.matmul(x, g.transpose(-1, -2)).squeeze(-2), c0, k)
+        dx = torch.matmul(B.unsqueeze(-2), g)  # sum_N g B: gradient w.r.t. x = dt * u, (T, k, b, G, 1, H)
         # w = g * a * h[t-1] is the gradient w.r.t. the exponent dt * A (into a; h becomes scratch)
         a[1:].mul_(h[:-1])
         a[0].mul_(starts)
         a.mul_(g)
-        p.steps(ddt_tm, c0, k).copy_(torch.mul(a, inp.A, out=h).sum(-2))
+        if ddelta is not None:  # d/d dt = dx * u + sum_N w A, then through softplus
+            ddt = torch.mul(a, inp.A, out=h).sum(-2, keepdim=True).addcmul_(dx, u)
+            if inp.pre is not None:  # softplus'(x) = sigmoid(x), 1 above the threshold
+                pre = p.steps(inp.pre, c0, k).unsqueeze(-2)
+                ddt.mul_(torch.sigmoid(pre).masked_fill_(pre > 20, 1))
+            p.store(ddelta, ddt.squeeze(-2), c0, k)
+        if du is not None:
+            p.store(du, dx.mul_(dt).squeeze(-2), c0, k)
         if needs[2]:
-            dA += a.mul_(dtv).sum((0, 1, 2))
-    dx = _from_steps(dx_tm, L)
-    du = dx * dt if needs[0] else None
-    ddt = torch.addcmul(_from_steps(ddt_tm, L), dx, u) if needs[1] else None
-    dA_out = dA.transpose(1, 2).reshape(G * H, N) if needs[2] else None
-    dB = _from_steps(dB_tm, L).view(B.shape) if dB_tm is not None else None
-    dC = _from_steps(dC_tm, L).view(C.shape) if dC_tm is not None else None
-    return du, ddt, dA_out, dB, dC
+            dA += a.mul_(dt).sum((0, 1, 2))
+    shape3 = (p.batch, G * H, L)
+    return (None if du is None else du.view(shape3),
+            ddelta.view(shape3) if needs[1] else None,
+            dA.transpose(1, 2).reshape(G * H, N) if needs[2] else None,
+            dB, dC,
+            ddelta.sum((0, 3)).view(-1) if needs[5] else None)
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """Autograd wrapper: saves the inputs and the chunk start states, recomputes the rest in backward."""
+    """Autograd wrapper: keeps the step-major inputs and chunk start states, recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, plan: _Plan) -> Tuple[Tensor, Tensor]:
-        y, last, starts = _chunked_forward(u, dt, A, B, C, plan, save_starts=True)
-        ctx.save_for_backward(u, dt, A, B, C, starts)
-        ctx.plan = plan
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None, plan: _Plan,
+                softplus: bool) -> Tuple[Tensor, Tensor]:
+        inp = _Inputs(plan, u, delta, A, B, C, bias, softplus, keep_pre=True)
+        y, last, starts = _chunked_forward(inp, plan, save_starts=True)
+        ctx.inp, ctx.starts, ctx.plan = inp, starts, plan  # intermediates, not inputs: kept on ctx
         ctx.set_materialize_grads(False)
         return y, last
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
-        u, dt, A, B, C, starts = ctx.saved_tensors
+        p = ctx.plan
         if dy is None:
-            dy = torch.zeros_like(u)
-        grads = _chunked_backward(dy, dlast, u, dt, A, B, C, starts, ctx.plan, ctx.needs_input_grad)
-        return (*grads, None)
+            dy = ctx.inp.u.new_zeros(p.batch, p.groups * p.h, p.length)
+        grads = _chunked_backward(dy, dlast, ctx.inp, ctx.starts, p, ctx.needs_input_grad)
+        return (*grads, None, None)
 
 
 def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                 z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                return_last_state: bool = False, chunk: int = 0, group_elems: int = 0) -> ScanOut:
-    """The ``torch`` backend (shapes as :func:`selective_scan`); ``chunk``/``group_elems`` > 0 override
-    :data:`CHUNK_LEN`/:data:`GROUP_ELEMS` (tests use small values to exercise every code path)."""
-    out_dtype = u.dtype
-    u, dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, fast_softplus=True)
+                return_last_state: bool = False) -> ScanOut:
+    """The ``torch`` backend (shapes as :func:`selective_scan`); module constants CHUNK_LEN, GROUP_ELEMS
+    and SERIAL_ELEMS set its blocking (tests shrink them to exercise every code path)."""
+    groups = _check_shapes(u, delta, A, B, C)
+    out_dtype, cd = u.dtype, _compute_dtype(u.dtype)
+    u, delta, A = u.to(cd), delta.to(cd), A.to(cd)
+    B, C = _grouped(B, groups, cd), _grouped(C, groups, cd)
+    bias = None if delta_bias is None else delta_bias.to(cd)
     batch, dim, length = u.shape
-    plan = _Plan(batch, dim, B.shape[1], A.shape[1], length, chunk or CHUNK_LEN, group_elems or GROUP_ELEMS)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C)):
-        y, last = _ChunkedScan.apply(u, dt, A, B, C, plan)
+    plan = _Plan(batch, dim, groups, A.shape[1], length, CHUNK_LEN, GROUP_ELEMS)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, bias)):
+        y, last = _ChunkedScan.apply(u, delta, A, B, C, bias, plan, delta_softplus)
+        out = _finish(y, u, D, z, out_dtype)
     else:  # inference: nothing is kept for a backward pass
-        y, last, _ = _chunked_forward(u, dt, A, B, C, plan, save_starts=False)
-    out = _finish(y, u, D, z, out_dtype)
+        y, last, _ = _chunked_forward(_Inputs(plan, u, delta, A, B, C, bias, delta_softplus, keep_pre=False), plan,
+                                      save_starts=False)
+        graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (D, z))
+        out = _finish(y, u, D, z, out_dtype, inplace=not graph)
     return (out, last) if return_last_state else out
