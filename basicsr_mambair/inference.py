@@ -6,6 +6,7 @@ device; the network runs under whatever grad mode the caller chose.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,20 +25,34 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def _ramp(size: int, overlap: int, fade_in: bool, fade_out: bool, device, dtype) -> torch.Tensor:
-    """1-D blending weights: rise over ``overlap`` where a neighbour tile precedes, fall where one follows."""
-    pos = torch.arange(size, device=device, dtype=dtype) + 0.5
+    """1-D blending weights of a tile along one axis (length ``size``, overlap ``overlap``, output pixels).
+
+    Towards an edge shared with a neighbour tile the weight falls to zero: the outer half of the
+    overlap gets weight 0 (the pixels a tile computes worst, missing context beyond its edge), the
+    inner half a raised-cosine rise to 1. Neighbours' non-zero regions still overlap, since tiles
+    advance by at most ``tile - overlap``, so every pixel has weight.
+    """
+    pos = torch.arange(size, device=device, dtype=dtype) + 0.5  # pixel centres
     w = torch.ones(size, device=device, dtype=dtype)
-    if overlap > 0 and fade_in:
-        w = torch.minimum(w, pos / overlap)
-    if overlap > 0 and fade_out:
-        w = torch.minimum(w, (size - pos) / overlap)
+    if overlap <= 0:
+        return w
+    margin = overlap / 2
+
+    def rise(distance: torch.Tensor) -> torch.Tensor:
+        t = ((distance - margin) / (overlap - margin)).clamp(0, 1)
+        return 0.5 - 0.5 * torch.cos(math.pi * t)
+
+    if fade_in:
+        w = torch.minimum(w, rise(pos))
+    if fade_out:
+        w = torch.minimum(w, rise(size - pos))
     return w
 
 
 @torch.no_grad()
 def forward_tiled(net: Forward, lq: torch.Tensor, scale: int, tile: int, overlap: int = 32,
                   tile_batch: int = 1) -> torch.Tensor:
-    """Run ``net`` on overlapping ``tile`` x ``tile`` LQ tiles and blend them linearly (no seams).
+    """Run ``net`` on overlapping ``tile`` x ``tile`` LQ tiles and blend them smoothly (no seams).
 
     Memory for the network is that of ``tile_batch`` tiles, whatever the image size. A tile at
     least as large as the image gives exactly the whole-image output.
