@@ -18,12 +18,13 @@ from basicsr_mambair.tools.make_lr import imresize_matlab
 
 ALL_OPTIONS = sorted((REPO / 'options').glob('*/*.yml'))
 ALL_IDS = [p.name for p in ALL_OPTIONS]
-# the Gaussian-DN / CAR / SR files of the official MambaIR (the real-denoising files have their own tests)
-OPTIONS = [p for p in ALL_OPTIONS if 'RealDN' not in p.name]
+# the Gaussian-DN / CAR / SR files of the official MambaIR (real denoising and the bicubic baseline have their
+# own tests)
+OPTIONS = [p for p in ALL_OPTIONS if 'RealDN' not in p.name and 'Bicubic' not in p.name]
 OPTION_IDS = [p.name for p in OPTIONS]
 
 # spec section 5: parameters of the official configurations (instantiated official classes)
-PARAMS = {'SR_x2': 20_421_863, 'SR_x3': 20_606_503, 'SR_x4': 20_569_575, 'lightSR_x2': 905_016,
+PARAMS = {'Bicubic': 0, 'SR_x2': 20_421_863, 'SR_x3': 20_606_503, 'SR_x4': 20_569_575, 'lightSR_x2': 905_016,
           'lightSR_x3': 913_131, 'lightSR_x4': 924_492, 'ColorDN': 15_777_507, 'CAR': 15_771_025,
           'RealDN': 26_779_480}
 
@@ -50,7 +51,7 @@ SR_SETS = ['Set5', 'Set14', 'B100', 'Urban100', 'Manga109']
 
 
 def task_of(path: Path) -> str:
-    return re.match(r'(?:train|test)_MambaIR_(.+)\.yml$', path.name).group(1)
+    return re.match(r'(?:train|test)_(?:MambaIR|Bicubic)_(.+)\.yml$', path.name).group(1)
 
 
 def kind_of(task: str) -> str:
@@ -202,12 +203,13 @@ def test_parses_checks_and_builds(path, mini_root, monkeypatch):
 
     task = task_of(path)
     key = kind_of(task) if kind_of(task) in ('ColorDN', 'CAR', 'RealDN') else task
+    key = 'Bicubic' if 'Bicubic' in path.name else key
     config = repr(sorted(opt['network_g'].items()))  # build each distinct network_g once
     if config not in _NETWORKS:
         _NETWORKS[config] = sum(p.numel() for p in build_network(opt['network_g']).parameters())
     assert _NETWORKS[config] == PARAMS[key]
 
-    in_chans = opt['network_g'].get('in_chans', opt['network_g'].get('inp_channels'))
+    in_chans = opt['network_g'].get('in_chans', opt['network_g'].get('inp_channels', 3))  # Bicubic: RGB
     scale = opt['scale']
     for phase, ds_opt in opt['datasets'].items():
         dataset = build_dataset(ds_opt)
