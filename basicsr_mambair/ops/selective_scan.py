@@ -11,7 +11,8 @@ group of channel d (MambaIR scans its 4 directions as G = 4 groups in one call).
 Backends behind :func:`selective_scan` (argument, :func:`scan_backend`, or ``MAMBAIR_SCAN``):
 
 - ``cuda``: ``mamba_ssm``'s kernel, imported lazily the first time CUDA tensors are scanned.
-- ``torch``: a chunked scan in pure PyTorch with its own backward (default without ``mamba_ssm``).
+- ``torch``: a chunked scan in pure PyTorch with its own backward (default without ``mamba_ssm``);
+  float32 results agree with a float64 evaluation to ~1e-6 relative, also for long sequences.
 - ``reference``: a plain sequential loop with autograd through it; slow, for tests only.
 """
 
@@ -34,11 +35,11 @@ BACKENDS = ('auto', 'cuda', 'torch', 'reference')
 ENV_VAR = 'MAMBAIR_SCAN'
 
 # Chunk length T: the scan runs sequentially over the T steps of a chunk, for many chunks at once, so
-# one tensor op advances (chunks x batch x dim x N) states. T trades the number of these per-step ops
-# (fewer groups when T is small) against the sequential chunk-to-chunk carry (L / T tiny ops).
+# one tensor op advances (chunks x batch x dim x N) states. Larger T means fewer chunk-to-chunk carries
+# (L / T small ops) and fewer saved chunk states, smaller T more chunks per op; 16-64 measure alike.
 CHUNK_LEN = 32
-# Elements of one (T, chunks, batch, dim, N) work buffer: ~8 MB in float32, so a group's buffers stay
-# in the last-level cache and the peak extra memory does not grow with L.
+# Elements of one (T, chunks, batch, dim, N) work buffer (4 MB in float32): a group's buffers stay in
+# cache, and the peak extra memory does not grow with L beyond the (batch, dim, L) inputs and outputs.
 GROUP_ELEMS = 1 << 20
 # Step ops cover at most this many elements: ATen runs ops below its grain size (32768) serially on the
 # calling thread, so the T-step loops never enter an OpenMP region (which stalls for a scheduler tick
