@@ -78,7 +78,7 @@ def small_chunks(monkeypatch):
     """Chunks of 4 steps, groups of a few chunks, tiny serial spans: every code path runs on small inputs."""
     monkeypatch.setattr(ss, 'CHUNK_LEN', 4)
     monkeypatch.setattr(ss, 'GROUP_ELEMS', 4 * 3 * 2 * 8 * 4)  # 3 chunks per group at batch 2, dim 8, N 4
-    monkeypatch.setattr(ss, '_span_len', lambda: 40)  # as with several threads, in smaller spans
+    monkeypatch.setattr(ss, '_span_len', lambda device: 40)  # as with several threads, in smaller spans
 
 
 # ------------------------------------------------------------------------------------------------
