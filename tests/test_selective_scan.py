@@ -78,7 +78,7 @@ def small_chunks(monkeypatch):
     """Chunks of 4 steps, groups of a few chunks, tiny serial spans: every code path runs on small inputs."""
     monkeypatch.setattr(ss, 'CHUNK_LEN', 4)
     monkeypatch.setattr(ss, 'GROUP_ELEMS', 4 * 3 * 2 * 8 * 4)  # 3 chunks per group at batch 2, dim 8, N 4
-    monkeypatch.setattr(ss, '_span_len', lambda: 40)  # as with several threads, in smaller spans
+    monkeypatch.setattr(ss, '_span_len', lambda device: 40)  # as with several threads, in smaller spans
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,6 +215,17 @@ def test_gradients_of_d_and_z_only():
         grads.append(torch.autograd.grad((y * inputs['u'].to(dtype)).sum(), (D, z)))
     for name, g, g64 in zip(('D', 'z'), *grads):
         assert_close(g, g64, 1e-5, name)
+
+
+def test_torch_backend_is_device_agnostic():
+    """Forward and backward run on the meta device: no CPU-only calls (the same code serves CUDA tensors)."""
+    inputs = {k: v.to('meta').requires_grad_() for k, v in make_inputs(length=37).items()}
+    args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D')]
+    y, last = selective_scan(*args, z=inputs['z'], delta_bias=inputs['delta_bias'], delta_softplus=True,
+                             return_last_state=True, backend='torch')
+    assert y.device.type == 'meta' and y.shape == inputs['u'].shape and last.shape == (2, 8, 4)
+    (y.sum() + last.sum()).backward()
+    assert all(inputs[k].grad.shape == inputs[k].shape for k in GRAD_NAMES)
 
 
 def test_reference_backend_matches_torch_backend():
