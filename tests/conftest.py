@@ -23,6 +23,7 @@ SHARED = Path(os.environ.get('MAMBAIR_SHARED', REPO.parent / 'shared'))
 CONSOLE_SCRIPTS = {
     'mambair-train': 'basicsr_mambair.train',
     'mambair-test': 'basicsr_mambair.test',
+    'mambair-restore': 'basicsr_mambair.restore_cli',
     'mambair-prepare-sidd': 'basicsr_mambair.tools.prepare_sidd',
     'mambair-extract-subimages': 'basicsr_mambair.tools.extract_subimages',
     'mambair-make-lr': 'basicsr_mambair.tools.make_lr',
