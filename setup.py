@@ -43,6 +43,7 @@ setup(
             'mambair-train=basicsr_mambair.launch:main_train',
             'mambair-test=basicsr_mambair.launch:main_test',
             'mambair-demo=basicsr_mambair.demo:main',
+            'mambair-restore=basicsr_mambair.restore_cli:main',
             'mambair-prepare-sidd=basicsr_mambair.tools.prepare_sidd:main',
             'mambair-extract-subimages=basicsr_mambair.tools.extract_subimages:main',
             'mambair-make-lr=basicsr_mambair.tools.make_lr:main',

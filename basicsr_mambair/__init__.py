@@ -11,4 +11,13 @@ alias_functional_tensor()  # must precede the first `import basicsr`
 from . import archs, data, models  # noqa: E402,F401  (registration side effects)
 from .version import __version__  # noqa: E402
 
-__all__ = ['__version__']
+__all__ = ['__version__', 'load_model', 'restore']
+
+
+def __getattr__(name: str):
+    """``load_model`` / ``restore`` on first use: importing the package stays as cheap as importing BasicSR."""
+    if name in ('load_model', 'restore'):
+        from . import restoration
+
+        return getattr(restoration, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

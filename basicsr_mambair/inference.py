@@ -51,11 +51,12 @@ def _ramp(size: int, overlap: int, fade_in: bool, fade_out: bool, device, dtype)
 
 @torch.no_grad()
 def forward_tiled(net: Forward, lq: torch.Tensor, scale: int, tile: int, overlap: int = 32,
-                  tile_batch: int = 1) -> torch.Tensor:
+                  tile_batch: int = 1, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Run ``net`` on overlapping ``tile`` x ``tile`` LQ tiles and blend them smoothly (no seams).
 
     Memory for the network is that of ``tile_batch`` tiles, whatever the image size. A tile at
-    least as large as the image gives exactly the whole-image output.
+    least as large as the image gives exactly the whole-image output. ``progress(done, total)`` is
+    called after each network call with the number of tiles finished so far and in all.
     """
     b, c, h, w = lq.shape
     overlap = max(0, min(overlap, tile - 1))
@@ -78,6 +79,8 @@ def forward_tiled(net: Forward, lq: torch.Tensor, scale: int, tile: int, overlap
             region = (..., slice(y * scale, (y + th) * scale), slice(x * scale, (x + tw) * scale))
             out[region] += results[k * b:(k + 1) * b] * weight
             acc[region] += weight
+        if progress is not None:
+            progress(first + len(group), len(boxes))
     return out / acc
 
 

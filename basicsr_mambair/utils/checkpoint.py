@@ -4,6 +4,8 @@
   ``params`` / ``params_ema`` entry like BasicSR, strips ``module.`` prefixes.
 * :func:`infer_config` -- the arch type and every parameter-shaping constructor argument of a
   MambaIR / MambaIRUNet state dict, from key names and shapes alone.
+* :func:`matching_presets` / :func:`explain_preset_mismatch` -- which official configuration
+  (:data:`basicsr_mambair.presets.PRESETS`) a state dict is, or how it differs from the closest one.
 * :func:`load_checked` -- ``load_state_dict`` whose failure names the configuration difference
   (e.g. ``embed_dim: 180 in checkpoint, 60 in network options``) and the offending keys; with
   ``strict=False`` it follows BasicSR (keys of another shape are skipped with a warning).
@@ -11,6 +13,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import os
@@ -24,7 +28,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-__all__ = ['CheckpointError', 'LoadReport', 'detect_arch_type', 'infer_config', 'load_checked', 'read_state_dict']
+__all__ = ['CheckpointError', 'LoadReport', 'detect_arch_type', 'explain_preset_mismatch', 'infer_config',
+           'load_checked', 'matching_presets', 'read_state_dict']
 
 _MAX_LISTED = 5  # keys shown per category in error messages
 
@@ -293,7 +298,7 @@ def _infer_mambairunet(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+def infer_config(state_dict: Mapping[str, torch.Tensor], explain: bool = False) -> tuple[str, dict[str, Any]]:
     """The arch type and the parameter-shaping constructor arguments of a state dict.
 
     MambaIR: ``in_chans, embed_dim, depths, d_state, mlp_ratio, upscale, upsampler, resi_connection,
@@ -302,20 +307,119 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[str,
     (``img_size``, ``img_range``, ``drop_path_rate``, ...) are not returned: their defaults are as good as
     any. ``mlp_ratio`` is the simplest ratio giving the stored width (1.2 for 72 = int(1.2 * 60)).
 
+    Args:
+        state_dict: ``{name: tensor}`` (``module.`` prefixes are ignored).
+        explain: on failure, also name the keys and shapes in which the state dict differs from the closest
+            official preset (:func:`explain_preset_mismatch`; builds the preset networks, ~1 s on a CPU).
+
     Raises:
         CheckpointError: not a MambaIR/MambaIRUNet state dict, or its keys/shapes are inconsistent (the
             message names them).
     """
     state_dict = _strip_module_prefix(state_dict)
-    arch_type = detect_arch_type(state_dict)
+    try:
+        arch_type = detect_arch_type(state_dict)
+    except CheckpointError as exc:
+        if not explain:
+            raise
+        raise CheckpointError(f'{exc}; {explain_preset_mismatch(state_dict)}') from None
+    if arch_type not in ('MambaIR', 'MambaIRUNet'):  # MambaIRv2: no such arch here, no preset to compare with
+        raise CheckpointError(f'{arch_type} checkpoints are not supported: basicsr-mambair implements MambaIR and '
+                              'MambaIRUNet only')
     try:
         if arch_type == 'MambaIR':
             return arch_type, _infer_mambair(state_dict)
-        if arch_type == 'MambaIRUNet':
-            return arch_type, _infer_mambairunet(state_dict)
+        return arch_type, _infer_mambairunet(state_dict)
     except CheckpointError as exc:
-        raise CheckpointError(f'cannot infer the {arch_type} config: {exc}') from None
-    raise CheckpointError(f'{arch_type} state dict: config inference covers MambaIR and MambaIRUNet only')
+        message = f'cannot infer the {arch_type} config: {exc}'
+        if explain:
+            message += f'; {explain_preset_mismatch(state_dict)}'
+        raise CheckpointError(message) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparing with the official presets (the one place that does)
+
+
+def _arch_defaults(arch_type: str) -> dict[str, Any]:
+    """Constructor defaults of a registered arch, tuples as lists (as option files and :func:`infer_config`)."""
+    from basicsr.utils.registry import ARCH_REGISTRY  # after `import basicsr_mambair` (torchvision alias)
+
+    params = inspect.signature(ARCH_REGISTRY.get(arch_type)).parameters.values()
+    return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for p in params if p.default is not inspect.Parameter.empty}
+
+
+def matching_presets(arch_type: str, config: Mapping[str, Any]) -> list[str]:
+    """Names of the official presets whose network has exactly ``config`` (as returned by :func:`infer_config`).
+
+    Several presets share one network (``colorDN_15/25/50``, ``CAR_10/30/40``): all are returned, in
+    :data:`~basicsr_mambair.presets.PRESETS` order; ``[]`` for a config of no official task.
+    """
+    from ..presets import PRESETS
+
+    names = []
+    for name, preset in PRESETS.items():
+        if preset.arch_type != arch_type:
+            continue
+        full = {**_arch_defaults(arch_type), **preset.kwargs}
+        if all(full.get(key) == value for key, value in config.items()):
+            names.append(name)
+    return names
+
+
+@functools.cache
+def _preset_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(key, shape) of every entry of the state dict of the preset's network (built once on the CPU)."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    from ..presets import PRESETS
+
+    preset = PRESETS[name]
+    net = ARCH_REGISTRY.get(preset.arch_type)(**preset.kwargs)
+    return tuple((key, tuple(value.shape)) for key, value in net.state_dict().items())
+
+
+def explain_preset_mismatch(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """How ``state_dict`` differs from the official preset it comes closest to, in one line.
+
+    Closest = most keys with the preset's name and shape, among the presets of the state dict's arch family
+    when its keys show one (else among all). The text names that preset (and those sharing its network),
+    how many of its keys agree, and the first few wrongly shaped, missing and unexpected keys.
+    """
+    from ..presets import PRESETS
+
+    state_dict = _strip_module_prefix(state_dict)
+    ours = {key: tuple(value.shape) for key, value in state_dict.items()}
+    try:
+        family = detect_arch_type(state_dict)
+    except CheckpointError:
+        family = None
+    candidates = [p for p in PRESETS.values() if p.arch_type == family] or list(PRESETS.values())
+    networks: dict[tuple[str, str], list[str]] = {}  # presets sharing one network (colorDN_15/25/50) count once
+    for preset in candidates:
+        networks.setdefault((preset.arch_type, repr(preset.kwargs)), []).append(preset.name)
+    groups = {_preset_shapes(names[0]): names for names in networks.values()}
+
+    def score(shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[int, int]:
+        agree = sum(ours.get(key) == shape for key, shape in shapes)
+        return agree, -(len(shapes) + len(ours) - 2 * agree)  # most agreeing keys, then fewest others
+
+    shapes, names = max(groups.items(), key=lambda item: score(item[0]))
+    theirs = dict(shapes)
+    label = '/'.join(names)
+    wrong = [f'{k} {ours[k]} vs {v}' for k, v in theirs.items() if k in ours and ours[k] != v]
+    missing = [k for k in theirs if k not in ours]
+    unexpected = [k for k in ours if k not in theirs]
+    parts = [f'closest official preset: {label} ({PRESETS[names[0]].arch_type}; {score(shapes)[0]} of its '
+             f'{len(theirs)} keys agree)']
+    if wrong:
+        parts.append(f'wrongly shaped ({len(wrong)}; checkpoint vs preset): {_listing(wrong)}')
+    if missing:
+        parts.append(f'missing ({len(missing)}): {_listing(missing)}')
+    if unexpected:
+        parts.append(f'unexpected ({len(unexpected)}): {_listing(unexpected)}')
+    return '; '.join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,300 @@
+"""``mambair-restore``: restore your own images (files, folders, globs) with a MambaIR checkpoint, on CPU or GPU.
+
+The work is done by :mod:`basicsr_mambair.restoration`; this module reads and writes the files, shows
+progress, and turns every failure into one line ``mambair-restore: error: <what> (<file>)``. A failing
+image does not stop the others; the exit status is 0 if all were restored (or skipped), 1 if any failed,
+2 for a problem before the first image (options, checkpoint, device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __name__ == '__main__' and not __package__:  # run as a file: import the package, not its sub-folders
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np
+
+import basicsr_mambair  # noqa: F401  (before `import basicsr`: torchvision alias; registers the archs)
+
+PROG = 'mambair-restore'
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm', '.jp2')
+EPILOG = """\
+examples:
+  mambair-restore photos/ -o restored/ --weights MambaIR_SR4.pth
+  mambair-restore 'scans/*.png' -o out/ --weights net_g_latest.pth --task CAR_10 --compare
+  mambair-restore noisy.png -o out/ --weights realDN.pth --device cuda --half --tile 512
+
+Inputs: image files, folders (their images, not sub-folders) and glob patterns. Outputs are PNG
+files <stem>_<suffix>.png in OUTDIR, with the input's bit depth (8 or 16) and channels (gray stays
+gray; alpha is passed through, resized for SR). A 1-channel network (CAR) turns colour inputs to gray
+(OpenCV luma weights). Denoising and JPEG-artefact networks restore what they are given: nothing is
+added to the input.
+
+Without --task/--opt the architecture is inferred from the checkpoint (arch family, embed_dim, depths,
+d_state, mlp_ratio, upsampler, upscale, channels); img_range keeps its default 1.0, as in all official
+configs. Tasks: {tasks}."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import preset_names
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Restore images with a MambaIR / MambaIRUNet checkpoint (super-resolution, denoising, '
+                    'JPEG artefact reduction) on the CPU or a GPU.',
+        epilog=EPILOG.format(tasks=', '.join(preset_names())))
+    parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders or glob patterns')
+    parser.add_argument('-o', '--output', required=True, metavar='OUTDIR', help='folder for the results (created)')
+    parser.add_argument('--weights', required=True, metavar='PATH',
+                        help='checkpoint: released or trained with BasicSR (params / params_ema / bare state dict)')
+    config = parser.add_mutually_exclusive_group()
+    config.add_argument('--task', metavar='NAME', help='official preset the checkpoint was trained with')
+    config.add_argument('--opt', metavar='YML', help='BasicSR option file whose network_g (and scale) to build')
+    parser.add_argument('--param-key', default='params', metavar='KEY',
+                        help="checkpoint entry holding the weights, e.g. params_ema (default: params)")
+    parser.add_argument('--tile', default='auto', metavar='N|auto',
+                        help='tile side in LQ pixels; 0 = whole image; auto (default) = the whole image if it fits '
+                             'into the free memory, else the largest tile that does')
+    parser.add_argument('--tile-overlap', type=int, default=32, metavar='N',
+                        help='LQ pixels shared by neighbouring tiles, blended linearly (default 32)')
+    parser.add_argument('--device', default='auto', metavar='auto|cpu|cuda',
+                        help='where to run (default auto: CUDA if available); also cuda:N')
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument('--half', action='store_true',
+                           help='float16 autocast on CUDA (the selective scan stays float32)')
+    precision.add_argument('--bf16', action='store_true',
+                           help='bfloat16 autocast, on CUDA or the CPU (the selective scan stays float32)')
+    parser.add_argument('--suffix', default=None,
+                        help='output name <stem>_<suffix>.png (default: the task, xN for SR, else "restored")')
+    parser.add_argument('--compare', action='store_true',
+                        help='also write <stem>_<suffix>_compare.png: input (bicubic to the output size) | output')
+    parser.add_argument('--overwrite', action='store_true', help='replace existing outputs (default: skip them)')
+    parser.add_argument('--quiet', action='store_true', help='no progress bars and no summary')
+    return parser
+
+
+class _Failure(Exception):
+    """One input that cannot be restored; ``str`` is the message, ``path`` the file."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _error(message: str, path: str | None = None) -> None:
+    from tqdm import tqdm
+
+    where = f' ({path})' if path else ''
+    tqdm.write(f'{PROG}: error: {" ".join(message.split())}{where}', file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f'{PROG}: {message}', file=sys.stderr)
+
+
+def expand_inputs(inputs: Sequence[str], outdir: Path, suffix: str) -> list[str | _Failure]:
+    """Files to restore, in the given order; entries that name nothing become :class:`_Failure` items.
+
+    Folders contribute their files with an image extension (sorted, not recursive), minus our own outputs
+    when the folder is ``outdir``; glob patterns their matching files; plain paths are taken as they are.
+    """
+    items: list[str | _Failure] = []
+    ours = (f'_{suffix}.png', f'_{suffix}_compare.png')
+    for entry in inputs:
+        if os.path.isdir(entry):
+            is_outdir = Path(entry).resolve() == outdir.resolve()
+            names = sorted(n for n in os.listdir(entry) if n.lower().endswith(IMAGE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(entry, n)) and not (is_outdir and n.endswith(ours)))
+            if not names:
+                items.append(_Failure('no image files in this folder', entry))
+            items.extend(os.path.join(entry, n) for n in names)
+        elif os.path.exists(entry):
+            items.append(entry)
+        elif glob.has_magic(entry):
+            matches = sorted(m for m in glob.glob(entry) if os.path.isfile(m))
+            items.extend(matches or [_Failure('no files match this pattern', entry)])
+        else:
+            items.append(_Failure('no such file or folder', entry))
+    return items
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as OpenCV gives it (BGR(A) or gray, 8/16-bit kept); JPEGs turned by their EXIF orientation."""
+    import cv2
+
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: it fails silently on non-ASCII paths
+    except OSError as exc:
+        raise _Failure(f'cannot read the file: {exc.strerror or exc}', path) from None
+    is_jpeg = data[:3].tobytes() == b'\xff\xd8\xff'
+    # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores EXIF orientation; JPEGs have neither
+    flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if is_jpeg else cv2.IMREAD_UNCHANGED
+    log = getattr(cv2.utils, 'logging', None)
+    previous = log.getLogLevel() if log else None
+    if log:  # OpenCV prints its own warnings for broken files; ours is the one line below
+        log.setLogLevel(log.LOG_LEVEL_SILENT)
+    try:
+        image = cv2.imdecode(data, flags) if data.size else None
+    finally:
+        if log:
+            log.setLogLevel(previous)
+    if image is None:
+        raise _Failure('cannot read image: not an image file, truncated, or a format OpenCV cannot decode', path)
+    return image
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write ``image`` (BGR(A)/gray, uint8/uint16) as PNG, atomically: an interrupted run leaves no partial file."""
+    import cv2
+
+    if image.dtype == np.float32:  # float inputs (e.g. float TIFF): PNG has no float, keep 16 bits
+        image = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+    ok, data = cv2.imencode('.png', image)
+    if not ok:
+        raise OSError(f'cannot encode {path.name} as PNG')
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        data.tofile(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def side_by_side(shown_input: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """Input resized (bicubic) to the output size | output, in the output's layout."""
+    import cv2
+
+    h, w = output.shape[:2]
+    left = shown_input
+    if left.shape[:2] != (h, w):
+        left = cv2.resize(left, (w, h), interpolation=cv2.INTER_CUBIC).reshape(output.shape[:2] + left.shape[2:])
+    return np.concatenate([left, output], axis=1)
+
+
+def _default_suffix(model) -> str:
+    if model.task:
+        return model.task
+    return f'x{model.scale}' if model.scale > 1 else 'restored'
+
+
+def _parse_tile(value: str) -> int | str:
+    if value == 'auto':
+        return value
+    try:
+        tile = int(value)
+    except ValueError:
+        raise ValueError(f"--tile must be 'auto' or a number of pixels, not {value!r}") from None
+    if tile < 0 or 0 < tile < 8:
+        raise ValueError(f'--tile must be 0 (whole image) or at least 8 pixels, not {tile}')
+    return tile
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``mambair-restore``; returns the exit status."""
+    from tqdm import tqdm
+
+    from .restoration import ImageError, RestoreError, _restore_array, load_model
+    from .utils.checkpoint import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)  # inputs may come before, between or after the options
+    try:
+        tile = _parse_tile(args.tile)
+        if args.tile_overlap < 0:
+            raise ValueError(f'--tile-overlap must be >= 0, not {args.tile_overlap}')
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    precision = 'fp16' if args.half else 'bf16' if args.bf16 else 'fp32'
+    try:
+        model = load_model(args.weights, task=args.task, opt=args.opt, device=args.device, precision=precision,
+                           param_key=args.param_key)
+    except (CheckpointError, RestoreError, FileNotFoundError) as exc:
+        _error(str(exc))
+        return 2
+    except Exception as exc:  # noqa: BLE001  (anything else before the first image: still one line)
+        _error(f'{type(exc).__name__}: {exc}')
+        return 2
+    suffix = args.suffix if args.suffix is not None else _default_suffix(model)
+    outdir = Path(args.output)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _error(f'cannot create the output folder: {exc.strerror or exc}', str(outdir))
+        return 2
+
+    items = expand_inputs(args.inputs, outdir, suffix)
+    if not args.quiet:
+        print(f'{PROG}: {model.describe()}; {sum(isinstance(i, str) for i in items)} images -> {outdir}', flush=True)
+    done = skipped = failed = 0
+    written: dict[Path, str] = {}
+    bar = tqdm(items, desc='images', unit='image', disable=True if args.quiet else None, file=sys.stderr)
+    for item in bar:
+        try:
+            if isinstance(item, _Failure):
+                raise item
+            path = item
+            bar.set_postfix_str(os.path.basename(path))
+            target = outdir / f'{Path(path).stem}_{suffix}.png'
+            if target in written:
+                raise _Failure(f'{target.name} was already written from {written[target]} in this run', path)
+            if target.exists() and not args.overwrite:
+                _note(f'skipped: {target} exists (use --overwrite to replace it) ({path})')
+                skipped += 1
+                continue
+            image = read_image(path)
+            tiles = None
+
+            def progress(n_done: int, total: int) -> None:
+                nonlocal tiles
+                if total <= 1:
+                    return
+                if tiles is None:
+                    tiles = tqdm(total=total, desc='tiles', unit='tile', leave=False,
+                                 disable=True if args.quiet else None, file=sys.stderr)
+                tiles.update(n_done - tiles.n)
+
+            try:
+                result, shown = _restore_array(model, image, tile=tile, tile_overlap=args.tile_overlap, bgr=True,
+                                               progress=progress, with_input=args.compare)
+            finally:
+                if tiles is not None:
+                    tiles.close()
+            write_png(target, result)
+            written[target] = path
+            if args.compare:
+                write_png(target.with_name(f'{target.stem}_compare.png'), side_by_side(shown, result))
+            done += 1
+        except _Failure as exc:
+            _error(str(exc), exc.path)
+            failed += 1
+        except ImageError as exc:
+            _error(str(exc), item)
+            failed += 1
+        except OSError as exc:
+            _error(f'cannot write the result: {exc.strerror or exc}', item)
+            failed += 1
+        except KeyboardInterrupt:
+            bar.close()
+            _note('interrupted')
+            return 130
+        except Exception as exc:  # noqa: BLE001  (one image's bug must not stop the folder)
+            _error(f'{type(exc).__name__}: {exc}', item)
+            failed += 1
+    bar.close()
+    if not args.quiet:
+        print(f'{PROG}: {done} restored, {skipped} skipped, {failed} failed -> {outdir}', flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
