@@ -31,8 +31,11 @@ TRAIN_PHOTOS = ('astronaut', 'rocket', 'hubble_deep_field', 'immunohistochemistr
                 'brick', 'grass', 'gravel', 'camera', 'coins', 'moon', 'clock', 'page', 'text')
 VAL_PHOTOS = ('coffee', 'chelsea')
 
-NETWORK = dict(type='MambaIR', upscale=SCALE, in_chans=3, img_size=64, img_range=1.0, embed_dim=32,
-               depths=[2, 2], d_state=8, mlp_ratio=1.2, upsampler='pixelshuffledirect', resi_connection='1conv')
+# Two residual groups of one block each, 30 channels (the least the channel attention allows), N = 4:
+# about 40x fewer operations per pixel than the official lightweight model, so a few minutes of one
+# CPU core are enough to beat bicubic clearly.
+NETWORK = dict(type='MambaIR', upscale=SCALE, in_chans=3, img_size=64, img_range=1.0, embed_dim=30,
+               depths=[1, 1], d_state=4, mlp_ratio=1.2, upsampler='pixelshuffledirect', resi_connection='1conv')
 
 
 def _photo(name: str) -> np.ndarray:
@@ -72,8 +75,8 @@ def _dataset(name: str, root: Path, phase: str) -> dict:
                dataroot_lq=str(root / 'LR_bicubic' / f'X{SCALE}'), filename_tmpl=f'{{}}x{SCALE}',
                io_backend=dict(type='disk'))
     if phase == 'train':
-        opt.update(gt_size=96, use_hflip=True, use_rot=True, use_shuffle=True, num_worker_per_gpu=1,
-                   batch_size_per_gpu=8, dataset_enlarge_ratio=200, prefetch_mode=None)
+        opt.update(gt_size=48, use_hflip=True, use_rot=True, use_shuffle=True, num_worker_per_gpu=1,
+                   batch_size_per_gpu=16, dataset_enlarge_ratio=200, prefetch_mode=None)
     return opt
 
 
@@ -89,7 +92,7 @@ def train_options(data: dict[str, Path], iters: int) -> dict:
                       val=_dataset('skimage_val', data['val'], 'val')),
         network_g=NETWORK,
         path=dict(pretrain_network_g=None, strict_load_g=True, resume_state=None),
-        train=dict(optim_g=dict(type='Adam', lr=1e-3, weight_decay=0, betas=[0.9, 0.99]),
+        train=dict(optim_g=dict(type='Adam', lr=2e-3, weight_decay=0, betas=[0.9, 0.99]),
                    scheduler=dict(type='MultiStepLR', milestones=[iters // 2, iters * 3 // 4], gamma=0.5),
                    total_iter=iters, warmup_iter=-1, pixel_opt=dict(type='L1Loss', loss_weight=1.0, reduction='mean')),
         val=dict(val_freq=max(iters // 4, 1), save_img=False, metrics=dict(psnr=_metrics()['psnr'])),
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='mambair-demo', description=__doc__.split('\n\n', 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', type=Path, default=Path('demo'), help='where data and runs go (default ./demo)')
-    parser.add_argument('--iters', type=int, default=1500, help='training iterations (default 1500)')
+    parser.add_argument('--iters', type=int, default=800, help='training iterations (default 800)')
     parser.add_argument('--overwrite', action='store_true', help='start again if the work folder exists')
     args = parser.parse_args(argv)
 
