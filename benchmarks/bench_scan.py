@@ -1,20 +1,25 @@
 """Benchmark of the selective scan on CPU (a benchmark, not a test; needs the ``bench`` extra: mambapy).
 
-Compares, in one run and at the shapes MambaIR scans, our chunked ``torch`` backend with the sequential
-``reference`` backend (a lean loop over time on (batch, dim, N) states), with ``seq_full``, the sequential
-loop structured like ``mamba_ssm``'s ``selective_scan_ref`` (decays and inputs precomputed as
-(batch, dim, L, N) tensors, one einsum per step), and with mambapy's parallel scan (``mambapy.pscan``):
-error against a float64
-sequential evaluation, median time of repeated runs after warm-up (forward under ``no_grad``, and
-forward+backward), and peak extra memory (resident set growth of a fresh process running it once).
-It also times the machine's elementwise floor for the same element count: a multiply (dt * A), an exp
-and a multiply-add over a (batch, dim, L, N) float32 tensor, and prints our time as a multiple of it.
+Compares, in one run and at the shapes MambaIR scans, our chunked ``torch`` backend with
+- ``reference``: our sequential backend (a lean loop over time on (batch, dim, N) states),
+- ``seq_full``: the sequential loop structured like ``mamba_ssm``'s ``selective_scan_ref`` (decays and
+  inputs precomputed as (batch, dim, L, N) tensors, one einsum per step; forward only),
+- ``mambapy``: mamba.py's selective scan over its parallel scan (``mambapy.pscan``),
+reporting the error against a float64 sequential evaluation, the median time of repeated runs after
+warm-up (forward under ``no_grad``, and forward+backward) and the peak extra memory (resident set growth
+of a fresh process running it once). It also times the machine's elementwise floor for the same
+element count: a multiply (dt * A), an exp and a multiply-add over a (batch, dim, L, N) float32 tensor
+in preallocated buffers, and prints our time as a multiple of it. Ratios are only taken within one run.
 
 Usage::
 
     python benchmarks/bench_scan.py                       # shapes a-d, 1 and 2 threads
     python benchmarks/bench_scan.py --shapes a --threads 1 2
     python benchmarks/bench_scan.py --json scan.json --markdown scan.md
+    python benchmarks/bench_scan.py --shapes a --quick    # times only (no error check, no memory runs)
+
+On a shared machine note the load average (printed at start and end): with 2 threads every OpenMP
+region waits whenever another process holds a core, which inflates multithreaded times several-fold.
 """
 
 from __future__ import annotations
