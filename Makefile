@@ -28,5 +28,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# the benchmarks of the README (long: the full scan benchmark alone takes ~40 min on 2 cores)
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_scan.py --threads 1 2
+	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_tiles.py
+	$(BIN)/python benchmarks/bench_memory.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

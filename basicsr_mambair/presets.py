@@ -55,6 +55,12 @@ class Preset:
         """A fresh ``network_g`` option dict: ``{'type': arch_type, **kwargs}`` (safe to modify)."""
         return {'type': self.arch_type, **copy.deepcopy(self.kwargs)}
 
+    def build(self):
+        """A new, randomly initialised network of this configuration (``torch.nn.Module``)."""
+        from basicsr.utils.registry import ARCH_REGISTRY
+
+        return ARCH_REGISTRY.get(self.arch_type)(**copy.deepcopy(self.kwargs))
+
 
 _SR_SETS = ('Set5', 'Set14', 'B100', 'Urban100', 'Manga109')
 

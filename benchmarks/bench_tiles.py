@@ -21,15 +21,13 @@ import sys
 CHILD = r'''
 import json, resource, sys, time
 import torch
-import basicsr_mambair
-from basicsr.utils.registry import ARCH_REGISTRY
 from basicsr_mambair.inference import forward_tiled
 from basicsr_mambair.presets import get_preset
 
 size, tile, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
 preset = get_preset('lightSR_x2')
-net = ARCH_REGISTRY.get(preset.arch_type)(**preset.kwargs).eval()
+net = preset.build().eval()
 x = torch.rand(1, 3, size, size)
 with torch.no_grad():
     forward_tiled(net, x[..., :16, :16], preset.scale, tile=16)  # warm-up (allocator, kernels)

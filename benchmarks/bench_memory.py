@@ -1,0 +1,63 @@
+"""Activation memory per LQ pixel of each official configuration (CPU, float32), vs ``--tile auto``'s estimate.
+
+The peak bytes allocated during a forward (``torch.profiler`` memory events) at two input sizes
+give the growth per pixel (the slope) and the fixed part (the intercept); ``mambair-restore
+--tile auto`` plans with :func:`basicsr_mambair.restoration.activation_bytes_per_pixel`, which should
+lie a little above the slope.
+
+    python benchmarks/bench_memory.py [--sides 48 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from basicsr_mambair.presets import get_preset
+from basicsr_mambair.restoration import activation_bytes_per_pixel
+
+PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realDN')
+
+
+def peak_bytes(net: torch.nn.Module, channels: int, side: int) -> int:
+    """Peak bytes allocated during one forward of a (1, channels, side, side) input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.rand(1, channels, side, side)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        net(x)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]')
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--sides', type=int, nargs=2, default=[48, 96], help='two LQ input sides (px)')
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    small, large = args.sides
+    print(f'# CPU float32, torch {torch.__version__}, inputs {small}^2 and {large}^2 LQ pixels, '
+          f'{os.cpu_count()} logical cores')
+    print('| preset | d_inner | measured (kB / LQ pixel) | fixed part (MB) | estimate (kB / LQ pixel) |')
+    print('|---|---|---|---|---|')
+    for name in PRESETS:
+        preset = get_preset(name)
+        net = preset.build().eval()
+        peaks = {side: peak_bytes(net, preset.in_channels, side) for side in (small, large)}
+        slope = (peaks[large] - peaks[small]) / (large ** 2 - small ** 2)
+        fixed = peaks[small] - slope * small ** 2
+        width = preset.kwargs.get('embed_dim') or 2 * preset.kwargs['dim']
+        d_inner = int(float(preset.kwargs.get('mlp_ratio', 2.0)) * width)
+        estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs)
+        print(f'| {name} | {d_inner} | {slope / 1000:.1f} | {fixed / 1e6:.1f} | {estimate / 1000:.1f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
