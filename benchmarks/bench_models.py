@@ -79,14 +79,12 @@ def measure(case: str, backend: str, threads: int, repeats: int, warmup: str) ->
     import torch
 
     torch.set_num_threads(threads)
-    from basicsr.utils.registry import ARCH_REGISTRY  # after basicsr_mambair (imported by scan_backends)
-
     from basicsr_mambair.presets import get_preset
 
     preset_name, side = CASES[case]
     preset = get_preset(preset_name)
     torch.manual_seed(0)
-    model = ARCH_REGISTRY.get(preset.arch_type)(**preset.kwargs).eval()
+    model = preset.build().eval()
     x = torch.rand(1, preset.in_channels, side, side)
     baseline = rss_bytes()
     times = []

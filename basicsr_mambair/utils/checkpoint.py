@@ -371,12 +371,9 @@ def matching_presets(arch_type: str, config: Mapping[str, Any]) -> list[str]:
 @functools.cache
 def _preset_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(key, shape) of every entry of the state dict of the preset's network (built once on the CPU)."""
-    from basicsr.utils.registry import ARCH_REGISTRY
-
     from ..presets import PRESETS
 
-    preset = PRESETS[name]
-    net = ARCH_REGISTRY.get(preset.arch_type)(**preset.kwargs)
+    net = PRESETS[name].build()
     return tuple((key, tuple(value.shape)) for key, value in net.state_dict().items())
 
 
