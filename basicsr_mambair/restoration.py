@@ -299,6 +299,26 @@ def activation_bytes_per_pixel(arch_type: str, kwargs: Mapping[str, Any]) -> int
     return BYTES_PER_INNER_CHANNEL * int(float(kwargs.get('mlp_ratio', 2.0)) * 2 * dim) + 4 * dim
 
 
+def measure_peak_bytes(net: nn.Module, channels: int, side: int) -> int:
+    """Peak bytes allocated by the CPU allocator during one forward of a (1, channels, side, side) input.
+
+    From ``torch.profiler`` memory events; calibrates :func:`activation_bytes_per_pixel` (see
+    ``benchmarks/bench_memory.py`` and the tests).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.rand(1, channels, side, side)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        net(x)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]')
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def _cgroup_available() -> int | None:
     """Bytes left under a cgroup-v2 memory limit (containers), or None where there is none."""
     try:

@@ -16,25 +16,9 @@ import os
 import torch
 
 from basicsr_mambair.presets import get_preset
-from basicsr_mambair.restoration import activation_bytes_per_pixel
+from basicsr_mambair.restoration import activation_bytes_per_pixel, measure_peak_bytes
 
 PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realDN')
-
-
-def peak_bytes(net: torch.nn.Module, channels: int, side: int) -> int:
-    """Peak bytes allocated during one forward of a (1, channels, side, side) input."""
-    from torch.profiler import ProfilerActivity, profile
-
-    x = torch.rand(1, channels, side, side)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        net(x)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == '[memory]')
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def main() -> None:
@@ -50,7 +34,7 @@ def main() -> None:
     for name in PRESETS:
         preset = get_preset(name)
         net = preset.build().eval()
-        peaks = {side: peak_bytes(net, preset.in_channels, side) for side in (small, large)}
+        peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
         slope = (peaks[large] - peaks[small]) / (large ** 2 - small ** 2)
         fixed = peaks[small] - slope * small ** 2
         width = preset.kwargs.get('embed_dim') or 2 * preset.kwargs['dim']

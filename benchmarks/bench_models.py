@@ -24,13 +24,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine as machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -102,19 +103,6 @@ def measure(case: str, backend: str, threads: int, repeats: int, warmup: str) ->
             'growth_mib': (peak_rss_bytes() - baseline) / 2 ** 20}
 
 
-def machine_description() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return {'host': platform.node(), 'cpu': cpu, 'logical_cores': os.cpu_count(), 'python': platform.python_version(),
-            'torch': torch.__version__, 'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None}
-
-
 def run_child(case: str, backend: str, threads: int, repeats: int, warmup: str, timeout: float) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     args = [sys.executable, __file__, '--child', json.dumps([case, backend, threads, repeats, warmup])]
@@ -146,7 +134,7 @@ def main() -> None:
         return
 
     backends, notice = scan_backends()
-    machine = machine_description()
+    machine = machine_info()
     print(f"machine: {machine['cpu']} ({machine['logical_cores']} logical cores) on {machine['host']}; "
           f"python {machine['python']}, torch {machine['torch']}; load average {machine['load_average']}")
     if notice:

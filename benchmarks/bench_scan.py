@@ -31,7 +31,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from machine import machine  # noqa: E402
 
 from basicsr_mambair.ops import selective_scan, selective_scan_reference  # noqa: E402
 
@@ -274,17 +275,6 @@ def skip_reason(s: Shape, impl: str, mode: str, mem_limit: float) -> str:
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
-def machine() -> Dict[str, object]:
-    cpu = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'torch': torch.__version__, 'python': platform.python_version(),
-            'capability': torch.backends.cpu.get_cpu_capability(), 'loadavg_start': os.getloadavg()}
-
-
 def fmt_ms(x: float | None) -> str:
     return '-' if x is None else (f'{x * 1e3:.1f}' if x < 10 else f'{x:.1f} s')
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
+
+from machine import describe
 
 CHILD = r'''
 import json, resource, sys, time
@@ -42,18 +43,6 @@ print(json.dumps({'size': size, 'tile': tile, 'threads': threads, 'seconds': sec
 '''
 
 
-def machine() -> str:
-    cpu = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f'{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}'
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sizes', type=int, nargs='+', default=[128, 256, 512], help='LR image sides (px)')
@@ -62,7 +51,7 @@ def main() -> None:
     parser.add_argument('--json', help='also write the rows to this file')
     args = parser.parse_args()
 
-    print(f'# light SR x2 MambaIR (905,016 params), CPU: {machine()}')
+    print(f'# light SR x2 MambaIR (905,016 params), CPU: {describe()}')
     print('| LR size | tile | threads | time (s) | peak RSS growth (MiB) | output (MiB) |')
     print('|---|---|---|---|---|---|')
     rows = []

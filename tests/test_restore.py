@@ -27,6 +27,7 @@ from basicsr_mambair.restoration import (
     activation_bytes_per_pixel,
     choose_tile,
     load_model,
+    measure_peak_bytes,
     restore,
 )
 from basicsr_mambair.utils.checkpoint import CheckpointError
@@ -507,29 +508,13 @@ def test_forward_tiled_progress_is_optional() -> None:
 # ------------------------------------------------------------------------------------------- automatic tiles
 
 
-def measured_peak(net: torch.nn.Module, channels: int, side: int) -> int:
-    """Peak bytes allocated during a forward, from torch.profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    x = torch.rand(1, channels, side, side)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        net(x)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == '[memory]')
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.mark.parametrize('name', ['lightSR_x2', 'realDN'])
 def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
     """Per pixel, the estimate is between 1x and 2x the measured growth of the peak; the fixed part is covered."""
     preset = PRESETS[name]
     net = make_net(name)
     small, large = 48, 96
-    peaks = {side: measured_peak(net, preset.in_channels, side) for side in (small, large)}
+    peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
     per_pixel = (peaks[large] - peaks[small]) / (large ** 2 - small ** 2)
     estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs)
     assert per_pixel <= estimate <= 2 * per_pixel, (per_pixel, estimate)

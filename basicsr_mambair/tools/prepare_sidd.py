@@ -13,24 +13,32 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from collections.abc import Sequence
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..data.util import is_image_file
+from .common import (
+    ToolError,
+    add_common_arguments,
+    describe,
+    parallel_map,
+    read_image,
+    remove_output,
+    run_tool,
+    write_png,
+)
+from .make_lmdb import make_lmdb
+
+PROG = 'mambair-prepare-sidd'
+
 NOISY_TAG, GT_TAG = '_NOISY_', '_GT_'
 MAT_KEYS = ('ValidationNoisyBlocksSrgb', 'ValidationGtBlocksSrgb')
-
-
-class PrepareError(Exception):
-    """Input or output problem the user must fix (printed as one line)."""
 
 
 def patch_starts(length: int, patch: int, overlap: int) -> list[int]:
@@ -44,86 +52,58 @@ def patch_starts(length: int, patch: int, overlap: int) -> list[int]:
 def find_pairs(root: Path) -> list[tuple[Path, Path]]:
     """(noisy, clean) files of an SIDD-Medium sRGB ``Data`` folder, matched by name."""
     if not root.is_dir():
-        raise PrepareError(f'input folder not found: {root}')
-    noisy = sorted(p for p in root.rglob('*') if p.is_file() and NOISY_TAG in p.name and
-                   p.suffix.lower() in ('.png', '.bmp', '.tif', '.tiff'))
+        raise ToolError(f'input folder not found: {root}')
+    noisy = sorted(p for p in root.rglob('*') if p.is_file() and NOISY_TAG in p.name and is_image_file(p.name))
     if not noisy:
-        raise PrepareError(f'no *{NOISY_TAG}* images under {root} (expected SIDD-Medium sRGB: Data/<scene>/'
+        raise ToolError(f'no *{NOISY_TAG}* images under {root} (expected SIDD-Medium sRGB: Data/<scene>/'
                            f'<id>_NOISY_SRGB_<k>.PNG)')
     pairs = []
     for path in noisy:
         clean = path.with_name(path.name.replace(NOISY_TAG, GT_TAG))
         if not clean.is_file():
-            raise PrepareError(f'no ground truth for {path}: expected {clean}')
+            raise ToolError(f'no ground truth for {path}: expected {clean}')
         pairs.append((path, clean))
     return pairs
-
-
-def _read(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise PrepareError(f'cannot read image {path}')
-    return img
 
 
 def crop_pair(pair: tuple[Path, Path], out: Path, patch: int, overlap: int) -> int:
     """Write the patches of one pair; returns how many."""
     noisy_path, clean_path = pair
-    noisy, clean = _read(noisy_path), _read(clean_path)
+    noisy, clean = read_image(noisy_path), read_image(clean_path)
     if noisy.shape != clean.shape:
-        raise PrepareError(f'{noisy_path} and {clean_path} differ in size: {noisy.shape} vs {clean.shape}')
+        raise ToolError(f'{noisy_path} and {clean_path} differ in size: {noisy.shape} vs {clean.shape}')
     stem = noisy_path.stem.replace(NOISY_TAG, '_')
     count = 0
     for top in patch_starts(noisy.shape[0], patch, overlap):
         for left in patch_starts(noisy.shape[1], patch, overlap):
             count += 1
             name = f'{stem}_{count:03d}.png'
-            cv2.imwrite(str(out / 'input_crops' / name), noisy[top:top + patch, left:left + patch])
-            cv2.imwrite(str(out / 'target_crops' / name), clean[top:top + patch, left:left + patch])
+            write_png(out / 'input_crops' / name, noisy[top:top + patch, left:left + patch])
+            write_png(out / 'target_crops' / name, clean[top:top + patch, left:left + patch])
     return count
 
 
 def _fresh_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise PrepareError(f'output {path} exists and is not empty (use --overwrite to replace it)')
-        shutil.rmtree(path)
+    """An empty ``path``: a non-empty one is refused, or with ``overwrite`` removed (stale patches must go)."""
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        remove_output(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
-
-
-def _to_lmdb(folder: Path) -> Path:
-    from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-
-    names = sorted(p.name for p in folder.iterdir())
-    lmdb_path = folder.with_suffix('.lmdb')
-    make_lmdb_from_imgs(str(folder), str(lmdb_path), names, [Path(n).stem for n in names], multiprocessing_read=False)
-    return lmdb_path
 
 
 def prepare_train(src: Path, out: Path, patch: int = 512, overlap: int = 128, workers: int = 1,
                   lmdb: bool = False, overwrite: bool = False) -> int:
     """Crop every SIDD-Medium pair under ``src`` into ``out/{input,target}_crops``; returns the patch count."""
     if not 0 <= overlap < patch:
-        raise PrepareError(f'--overlap must be in [0, patch size), got {overlap}')
+        raise ToolError(f'--overlap must be in [0, patch size), got {overlap}')
     pairs = find_pairs(src)
     _fresh_output(out, overwrite)
     for sub in ('input_crops', 'target_crops'):
         (out / sub).mkdir()
     work = partial(crop_pair, out=out, patch=patch, overlap=overlap)
-    total = 0
-    with tqdm(total=len(pairs), unit='image', desc='SIDD patches') as bar:
-        if workers > 1:
-            with Pool(workers) as pool:
-                for n in pool.imap_unordered(work, pairs):
-                    total += n
-                    bar.update()
-        else:
-            for pair in pairs:
-                total += work(pair)
-                bar.update()
+    total = sum(parallel_map(work, pairs, workers, desc='SIDD patches'))
     if lmdb:
         for sub in ('input_crops', 'target_crops'):
-            _to_lmdb(out / sub)
+            make_lmdb(out / sub, out / f'{sub}.lmdb', workers=workers, overwrite=overwrite)
     return total
 
 
@@ -135,21 +115,21 @@ def prepare_val(src: Path, out: Path, overwrite: bool = False) -> int:
     for key in MAT_KEYS:
         path = src / f'{key}.mat'
         if not path.is_file():
-            raise PrepareError(f'{path} not found (download the SIDD validation blocks, see datasets/README.md)')
+            raise ToolError(f'{path} not found (download the SIDD validation blocks, see datasets/README.md)')
         try:
             data = loadmat(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file for the user
-            raise PrepareError(f'cannot read {path}: {e}') from None
+            raise ToolError(f'cannot read {path}: {e}') from None
         if key not in data:
             found = sorted(k for k in data if not k.startswith('__'))
-            raise PrepareError(f"{path} has no variable '{key}' (found: {', '.join(found) or 'none'})")
+            raise ToolError(f"{path} has no variable '{key}' (found: {', '.join(found) or 'none'})")
         array = np.asarray(data[key])
         if array.ndim != 5 or array.shape[-1] != 3:
-            raise PrepareError(f"{path}: '{key}' must be (images, blocks, H, W, 3), got {array.shape}")
+            raise ToolError(f"{path}: '{key}' must be (images, blocks, H, W, 3), got {array.shape}")
         blocks.append(array)
     noisy, clean = blocks
     if noisy.shape != clean.shape:
-        raise PrepareError(f'noisy and clean blocks differ in shape: {noisy.shape} vs {clean.shape}')
+        raise ToolError(f'noisy and clean blocks differ in shape: {noisy.shape} vs {clean.shape}')
     _fresh_output(out, overwrite)
     for sub in ('input', 'target'):
         (out / sub).mkdir()
@@ -157,27 +137,26 @@ def prepare_val(src: Path, out: Path, overwrite: bool = False) -> int:
     for i in tqdm(range(n_img), unit='image', desc='SIDD validation'):
         for j in range(n_blk):
             name = f'{i:04d}_{j:02d}.png'
-            cv2.imwrite(str(out / 'input' / name), cv2.cvtColor(noisy[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
-            cv2.imwrite(str(out / 'target' / name), cv2.cvtColor(clean[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
+            write_png(out / 'input' / name, cv2.cvtColor(noisy[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
+            write_png(out / 'target' / name, cv2.cvtColor(clean[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
     return n_img * n_blk
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='mambair-prepare-sidd', description=__doc__.split('\n\n', 1)[1],
+        prog=PROG, description=describe(__doc__.split('\n\n', 1)[1]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='examples:\n'
-               '  mambair-prepare-sidd train SIDD_Medium_Srgb/Data datasets/SIDD/train --workers 8\n'
-               '  mambair-prepare-sidd val path/with/mat/files datasets/SIDD/val')
+               f'  {PROG} train SIDD_Medium_Srgb/Data datasets/SIDD/train -j 8\n'
+               f'  {PROG} val path/with/mat/files datasets/SIDD/val')
     sub = parser.add_subparsers(dest='command', required=True)
     train = sub.add_parser('train', help='crop SIDD-Medium sRGB pairs into overlapping patches')
     train.add_argument('input', type=Path, help='SIDD_Medium_Srgb/Data (one folder per scene)')
     train.add_argument('output', type=Path, help='folder for input_crops/ and target_crops/')
     train.add_argument('--patch-size', type=int, default=512, help='patch side in pixels (default 512)')
     train.add_argument('--overlap', type=int, default=128, help='overlap of neighbouring patches (default 128)')
-    train.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='processes (default: all cores)')
     train.add_argument('--lmdb', action='store_true', help='also write input_crops.lmdb / target_crops.lmdb')
-    train.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
+    add_common_arguments(train, overwrite_help='replace a non-empty output folder')
     val = sub.add_parser('val', help='convert the validation .mat blocks into PNG pairs')
     val.add_argument('input', type=Path,
                      help='folder with ValidationNoisyBlocksSrgb.mat and ValidationGtBlocksSrgb.mat')
@@ -186,20 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _work(args: argparse.Namespace) -> str:
+    if args.command == 'train':
+        n = prepare_train(args.input, args.output, args.patch_size, args.overlap, args.workers, args.lmdb,
+                          args.overwrite)
+        return f'wrote {n} patch pairs to {args.output}'
+    n = prepare_val(args.input, args.output, args.overwrite)
+    return f'wrote {n} validation pairs to {args.output}'
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == 'train':
-            n = prepare_train(args.input, args.output, args.patch_size, args.overlap, args.workers, args.lmdb,
-                              args.overwrite)
-            print(f'wrote {n} patch pairs to {args.output}')
-        else:
-            n = prepare_val(args.input, args.output, args.overwrite)
-            print(f'wrote {n} validation pairs to {args.output}')
-    except PrepareError as e:
-        print(f'mambair-prepare-sidd: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return run_tool(PROG, _work, build_parser(), argv)
 
 
 if __name__ == '__main__':
