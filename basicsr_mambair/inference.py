@@ -136,9 +136,14 @@ def forward_self_ensemble(forward: Forward, lq: torch.Tensor) -> torch.Tensor:
     return total / 8
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'reflect') -> tuple[torch.Tensor, int, int]:
-    """Pad bottom/right so H and W are multiples of ``multiple``; returns (padded, pad_h, pad_w)."""
-    pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode)
-    return x, pad_h, pad_w
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad (..., H, W) at the bottom/right to multiples of ``multiple`` by reflection (crop the result back).
+
+    Reflection needs the pad to be smaller than the side; tiny sides are padded by edge replication.
+    """
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = 'reflect' if pad_h < h and pad_w < w else 'replicate'
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)

@@ -29,30 +29,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ..inference import pad_to_multiple
 from .mambair_arch import map_to_tokens, tokens_to_map
 from .vss_block import VSSBlock
 
 SIZE_MULTIPLE = 8  # 2 ** (number of downsamplings)
 D_STATE = 16
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad (B, C, H, W) at the bottom/right to multiples of ``multiple`` by reflection.
-
-    Reflection needs the pad to be smaller than the side; tiny sides (< pad + 1 pixels) are padded by
-    edge replication instead.
-    """
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    if pad_h < h and pad_w < w:
-        return F.pad(x, (0, pad_w, 0, pad_h), mode='reflect')
-    return F.pad(x, (0, pad_w, 0, pad_h), mode='replicate')
 
 
 class OverlapPatchEmbed(nn.Module):

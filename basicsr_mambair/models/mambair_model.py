@@ -146,7 +146,7 @@ class MambaIRModel(SRModel):
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             h, w = x.shape[-2:]
-            x, _, _ = pad_to_multiple(x, multiple)
+            x = pad_to_multiple(x, multiple)
             if mode == 'official':
                 out = forward_official_tiles(net, x, scale)
             elif tile:
