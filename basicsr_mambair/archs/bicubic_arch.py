@@ -5,27 +5,22 @@ from __future__ import annotations
 import math
 
 import torch
-from basicsr.utils.matlab_functions import calculate_weights_indices
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from ..utils.matlab_resize import matlab_weights_indices
 
-def matlab_resize_matrix(in_length: int, scale: float, antialiasing: bool = True) -> torch.Tensor:
-    """Dense (out_length, in_length) matrix of MATLAB's ``imresize`` bicubic along one axis.
 
-    The weights and the symmetric border handling are BasicSR's ``imresize`` (cubic a = -0.5,
-    kernel width 4); written as a matrix so that a batch is resized by two matmuls instead of
-    BasicSR's per-row Python loop.
+def matlab_resize_matrix(in_length: int, scale: float) -> torch.Tensor:
+    """Dense (out_length, in_length) float64 matrix of MATLAB's bicubic ``imresize`` along one axis.
+
+    The same weights and mirrored borders as ``mambair-make-lr``; as a matrix, a batch is resized by
+    two matmuls instead of BasicSR's per-row Python loop.
     """
     out_length = math.ceil(in_length * scale)
-    weights, indices, sym_start, _ = calculate_weights_indices(in_length, out_length, scale, 'cubic', 4,
-                                                               antialiasing)
-    # indices address the symmetrically padded signal; map them back onto the input
-    padded = indices.long() - sym_start
-    src = torch.where(padded < 0, -padded - 1, padded)
-    src = torch.where(src >= in_length, 2 * in_length - 1 - src, src)
+    weights, indices = matlab_weights_indices(in_length, out_length, scale)
     matrix = torch.zeros(out_length, in_length, dtype=torch.float64)
-    matrix.scatter_add_(1, src, weights.double())
+    matrix.scatter_add_(1, torch.from_numpy(indices), torch.from_numpy(weights))
     return matrix
 
 
