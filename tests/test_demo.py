@@ -66,7 +66,8 @@ def test_small_tiles_leave_no_seams_on_a_real_image(demo_run):
     blended = forward_tiled(net, x, scale, tile=tile, overlap=8)
     assert blended.shape == whole.shape == (1, 3, 192, 320)
     across, other = _border_and_other_jumps(blended - whole, tile_starts(160, tile, 8), tile, scale)
-    assert across <= other, (across, other)
+    # as elsewhere, up to the variation of the tiling error itself (pasted tiles below: several times larger)
+    assert across <= 1.25 * other, (across, other)
     seen, expected = (_border_and_other_jumps(img, tile_starts(160, tile, 8), tile, scale)[0]
                       for img in (blended, whole))
     assert abs(seen - expected) <= 0.01 * expected  # the picture itself: borders look as without tiles
