@@ -22,7 +22,6 @@ setup(
         'basicsr>=1.4.2',
         'torch>=2.0',
         'torchvision',
-        'einops',
         'opencv-python',
         'lmdb',
         'tensorboard',

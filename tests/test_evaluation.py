@@ -133,3 +133,31 @@ def test_denoising_tables_are_reproducible(tmp_path, shared_data):
         tables.append(((results / 'results.md').read_text(), (results / 'per_image.csv').read_text()))
     assert tables[0] == tables[1]
     assert '| CBSD68 | 3 |' in tables[0][0]
+
+
+def test_model_testing_uses_ema_weights_with_self_ensemble_and_tiles():
+    """MambaIRModel.test(): the EMA network when there is one (the official code's ensemble used net_g)."""
+    from basicsr.models import build_model
+
+    net_opt = dict(type='MambaIR', upscale=2, in_chans=3, embed_dim=30, depths=[1], d_state=4, mlp_ratio=1.0,
+                   upsampler='pixelshuffledirect')
+    opt = dict(name='ema', model_type='MambaIRModel', scale=2, num_gpu=0, is_train=True, dist=False, rank=0,
+               network_g=net_opt, path=dict(pretrain_network_g=None),
+               train=dict(ema_decay=0.999, pixel_opt=dict(type='L1Loss', loss_weight=1.0),
+                          optim_g=dict(type='Adam', lr=1e-3), scheduler=dict(type='MultiStepLR', milestones=[10])),
+               val=dict(self_ensemble=True, tile=12, tile_overlap=4))
+    model = build_model(opt)
+    with torch.no_grad():  # make the trained weights differ from the EMA copy
+        for p in model.net_g.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(1, 3, 20, 27)
+    model.feed_data({'lq': x})
+    model.test()
+
+    def ema_tiles(lq):
+        return forward_tiled(model.net_g_ema, lq, 2, tile=12, overlap=4)
+
+    assert torch.allclose(model.output, forward_self_ensemble(ema_tiles, x), atol=1e-6)
+    assert not torch.allclose(model.output, forward_self_ensemble(lambda lq: forward_tiled(
+        model.net_g, lq, 2, tile=12, overlap=4), x), atol=1e-3)
+    assert model.net_g.training  # testing put it back into training mode
