@@ -135,7 +135,7 @@ def main() -> None:
 
     backends, notice = scan_backends()
     machine = machine_info()
-    print(f"machine: {machine['cpu']} ({machine['logical_cores']} logical cores) on {machine['host']}; "
+    print(f"machine: {machine['cpu']} ({machine['logical_cores']} logical cores); "
           f"python {machine['python']}, torch {machine['torch']}; load average {machine['load_average']}")
     if notice:
         print(f'NOTE: {notice}')

@@ -354,8 +354,8 @@ def main(argv: List[str] | None = None) -> None:
             args.impls = [i for i in args.impls if i != 'mambapy']
     mem_limit = args.mem_limit_gb * 2**30
     info = machine()
-    print(f"Machine: {info['cpu']}, {info['cores']} cores ({info['capability']}), torch {info['torch']}, "
-          f"load average {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}", flush=True)
+    print(f"Machine: {info['cpu']}, {info['logical_cores']} cores ({info['capability']}), torch {info['torch']}, "
+          f"load average {' '.join(f'{x:.2f}' for x in info['load_average'])}", flush=True)
     rows: List[Dict[str, object]] = []
     for key in args.shapes:
         s = SHAPES[key]
@@ -403,8 +403,8 @@ def main(argv: List[str] | None = None) -> None:
     floors = [f"- ({r['shape']}) fwd, {r['threads']} thread(s): ours = {r['ours_over_floor']:.2f} x floor "
               f"({fmt_ms(r['time_s'])} ms)" for r in rows if r.get('ours_over_floor')]
     goal_lines = targets(rows, args.threads)
-    head = (f"Machine: {info['cpu']}, {info['cores']} cores ({info['capability']}), torch {info['torch']}; "
-            f"load average {' '.join(f'{x:.2f}' for x in info['loadavg_start'])} (start), "
+    head = (f"Machine: {info['cpu']}, {info['logical_cores']} cores ({info['capability']}), torch {info['torch']}; "
+            f"load average {' '.join(f'{x:.2f}' for x in info['load_average'])} (start), "
             f"{' '.join(f'{x:.2f}' for x in info['loadavg_end'])} (end)")
     print('\n' + head + '\n')
     print('\n'.join(lines))
