@@ -112,6 +112,25 @@ def test_chunk_boundaries_match_float64_reference(small_chunks, length, groups):
     check_against_float64(make_inputs(length=length, groups=groups, seed=length + groups))
 
 
+@pytest.mark.parametrize('length', [1, 5, 12, 13, 50])
+@pytest.mark.parametrize('softplus', [True, False])
+@pytest.mark.parametrize('stream_elems', [1, 400], ids=['block=group', 'block=2groups'])
+def test_inference_path_matches_float64_reference(small_chunks, monkeypatch, length, softplus, stream_elems):
+    """Without autograd dt and x are built in blocks of groups (another code path): same values."""
+    monkeypatch.setattr(ss, 'STREAM_ELEMS', stream_elems)  # a group: 3 chunks x 4 steps x batch 2 x dim 8 = 192
+    inputs = make_inputs(length=length, groups=2, seed=length)
+    if not softplus:
+        inputs['delta'] = inputs['delta'].abs() * 0.3
+    kw = dict(delta_bias=inputs['delta_bias'].abs(), delta_softplus=softplus, return_last_state=True)
+    args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z')]
+    with torch.no_grad():
+        y, last = selective_scan(*args, backend='torch', **kw)
+    y64, last64 = selective_scan_reference(*(t.double() for t in args),
+                                           **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    assert_close(y, y64, 1e-5, 'y')
+    assert_close(last, last64, 1e-5, 'last state')
+
+
 def test_single_chunk_per_group(monkeypatch):
     """Each group is a single chunk when one chunk's state exceeds GROUP_ELEMS (large batch * dim)."""
     monkeypatch.setattr(ss, 'GROUP_ELEMS', 1)

@@ -41,6 +41,9 @@ CHUNK_LEN = 32
 # Elements of one (T, chunks, batch, dim, N) work buffer (4 MB in float32): a group's buffers stay in
 # cache, and the peak extra memory does not grow with L beyond the (batch, dim, L) inputs and outputs.
 GROUP_ELEMS = 1 << 20
+# Inference builds dt and x = dt * u in blocks of whole groups of at least this many values (when a group
+# is smaller): a few large transposes and element-wise ops rather than many small ones.
+STREAM_ELEMS = 1 << 16
 # Step ops cover at most this many elements: ATen runs ops below its grain size (32768) serially on the
 # calling thread, so the T-step loops never enter an OpenMP region (which stalls for a scheduler tick
 # whenever another process holds a core).
@@ -422,39 +425,90 @@ def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A2: Tensor, carry: Tensor) 
 
 
 class _Inputs:
-    """Step-major (batch, Lp, G, X) inputs of the chunked scan; ``pre`` = delta + bias is kept for backward."""
+    """Step-major (batch, Lp, G, X) inputs of a scan with a backward pass; ``pre`` = delta + bias is kept."""
 
     def __init__(self, p: _Plan, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None,
-                 softplus: bool, keep_pre: bool):
+                 softplus: bool):
         G, L = p.groups, p.length
         pre = _to_steps(delta, p.Lp, G)
         if bias is not None:
             pre[:, :L] += bias.view(G, p.h)
         if softplus and p.Lp > L:
             pre[:, L:] = -math.inf  # softplus(-inf) = 0: padded steps get dt = 0 (decay 1, the state carries)
-        self.pre = pre if softplus and keep_pre else None
-        self.dt = _softplus(pre, inplace=not keep_pre) if softplus else pre
+        self.p, self.pre = p, pre if softplus else None
+        self.dt = _softplus(pre) if softplus else pre
         self.u = _to_steps(u, p.Lp, G)  # padding 0: no input
         self.B = _to_steps(B, p.Lp, G)  # (b, Lp, G, N)
         self.C = _to_steps(C, p.Lp, G)
         self.A = A.view(G, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
         self.A2 = self.A * LOG2E  # decays are exp2(dt * A * log2(e)), as in mamba_ssm's kernel
+        self._x = p.scratch(self.u, 1, 1)[0]
+
+    def group(self, c0: int, k: int) -> Tuple[Tensor, Tensor]:
+        """dt and x = dt * u of group (c0, k), each (T, k, batch, G, 1, H)."""
+        p = self.p
+        dt = p.steps(self.dt, c0, k).unsqueeze(-2)
+        return dt, torch.mul(p.steps(self.u, c0, k).unsqueeze(-2), dt, out=p.view(self._x, k, 1))
 
 
-def _chunked_forward(inp: _Inputs, p: _Plan, save_starts: bool) -> Tuple[Tensor, Tensor, Tensor | None]:
+class _StreamedInputs:
+    """Inputs of an inference scan: dt and x = dt * u are made a block of groups at a time from the
+    (batch, dim, L) tensors, so the output is the only (batch, dim, L)-sized allocation: the peak extra
+    memory is about a third of keeping step-major copies of u and delta as the training path does."""
+
+    def __init__(self, p: _Plan, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None,
+                 softplus: bool):
+        self.p, self.u_src, self.delta_src, self.softplus = p, u, delta, softplus
+        self.bias = None if bias is None else bias.view(p.groups, p.h)
+        self.B = _to_steps(B, p.Lp, p.groups)  # (b, Lp, G, N): 1/H of u's size
+        self.C = _to_steps(C, p.Lp, p.groups)
+        self.A = A.view(p.groups, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
+        self.A2 = self.A * LOG2E
+        self.block = p.K * max(1, STREAM_ELEMS // (p.K * p.T * p.batch * p.groups * p.h))  # chunks per block
+        self._dt, self._x = u.new_empty(2, p.batch, self.block * p.T, p.groups, p.h).unbind(0)
+        self._rows = u.new_empty(self.block * p.T * p.groups * p.h)
+        self._first = -self.block  # first chunk of the block in the buffers (none yet)
+
+    def _fill(self, c0: int) -> None:
+        p = self.p
+        s, n = c0 * p.T, min(self.block, p.chunks - c0) * p.T
+        valid = min(n, p.length - s)
+        dt, x = self._dt[:, :n], self._x[:, :n]
+        rows = self._rows[:self.p.groups * self.p.h * valid].view(-1, valid)
+        for i in range(p.batch):  # a contiguous copy first: ATen's fast 2D transpose needs a dense source
+            dt[i, :valid].flatten(-2).copy_(rows.copy_(self.delta_src[i, :, s:s + valid]).t())
+            x[i, :valid].flatten(-2).copy_(rows.copy_(self.u_src[i, :, s:s + valid]).t())
+        if self.bias is not None:
+            dt[:, :valid] += self.bias
+        if valid < n:  # padded steps: dt = 0 (decay 1) and no input
+            dt[:, valid:] = 0
+            x[:, valid:] = 0
+        if self.softplus:
+            dt[:, :valid] = _softplus(dt[:, :valid], inplace=True)
+        x.mul_(dt)
+        self._first = c0
+
+    def group(self, c0: int, k: int) -> Tuple[Tensor, Tensor]:
+        """dt and x = dt * u of group (c0, k), each (T, k, batch, G, 1, H); groups come in time order."""
+        if not 0 <= c0 - self._first < self.block:
+            self._fill(c0)
+        c, p = c0 - self._first, self.p
+        return p.steps(self._dt, c, k).unsqueeze(-2), p.steps(self._x, c, k).unsqueeze(-2)
+
+
+def _chunked_forward(inp: _Inputs | _StreamedInputs, p: _Plan,
+                     save_starts: bool) -> Tuple[Tensor, Tensor, Tensor | None]:
     """y (b, dim, L), last state (b, dim, N) and, with ``save_starts``, every chunk's start state."""
     G, N, H, T = p.groups, p.n, p.h, p.T
-    ref = inp.u
+    ref = inp.B
     y = ref.new_empty(p.batch, G, H, p.length)
     a_buf, h_buf = p.scratch(ref, 2, N)
-    (x_buf,) = p.scratch(ref, 1, 1)
     carry = ref.new_zeros(p.batch, G, N, H)
     starts_all = ref.new_empty(p.chunks, p.batch, G, N, H) if save_starts else None
     starts_tmp = None if save_starts else ref.new_empty(p.K, p.batch, G, N, H)
     for c0, k in p.groups_fwd():
-        a, h, x = p.view(a_buf, k, N), p.view(h_buf, k, N), p.view(x_buf, k, 1)
-        dt = p.steps(inp.dt, c0, k).unsqueeze(-2)  # (T, k, b, G, 1, H)
-        torch.mul(p.steps(inp.u, c0, k).unsqueeze(-2), dt, out=x)
+        a, h = p.view(a_buf, k, N), p.view(h_buf, k, N)
+        dt, x = inp.group(c0, k)
         starts = starts_all[c0:c0 + k] if save_starts else starts_tmp[:k]
         _group_forward(a, h, dt, x, p.steps(inp.B, c0, k).unsqueeze(-1), inp.A2, carry, starts)
         p.store(y, torch.matmul(p.steps(inp.C, c0, k).unsqueeze(-2), h).squeeze(-2), c0, k)  # y = C . h
@@ -526,7 +580,7 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None, plan: _Plan,
                 softplus: bool) -> Tuple[Tensor, Tensor]:
-        inp = _Inputs(plan, u, delta, A, B, C, bias, softplus, keep_pre=True)
+        inp = _Inputs(plan, u, delta, A, B, C, bias, softplus)
         y, last, starts = _chunked_forward(inp, plan, save_starts=True)
         ctx.inp, ctx.starts, ctx.plan = inp, starts, plan  # intermediates, not inputs: kept on ctx
         ctx.set_materialize_grads(False)
@@ -557,7 +611,7 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
         y, last = _ChunkedScan.apply(u, delta, A, B, C, bias, plan, delta_softplus)
         out = _finish(y, u, D, z, out_dtype)
     else:  # inference: nothing is kept for a backward pass
-        y, last, _ = _chunked_forward(_Inputs(plan, u, delta, A, B, C, bias, delta_softplus, keep_pre=False), plan,
+        y, last, _ = _chunked_forward(_StreamedInputs(plan, u, delta, A, B, C, bias, delta_softplus), plan,
                                       save_starts=False)
         graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (D, z))
         out = _finish(y, u, D, z, out_dtype, inplace=not graph)
