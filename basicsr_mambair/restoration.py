@@ -47,15 +47,16 @@ SUPPORTED_ARCHS = ('MambaIR', 'MambaIRUNet')
 
 # --- memory model of the automatic tile size --------------------------------------------------------------------
 # Peak activation memory of one eval/no_grad forward, per LQ pixel, float32, measured on the CPU with
-# torch.profiler(profile_memory=True) as the slope between two tile sizes (40/56 or 64/96/128 px):
-#   lightSR (d_inner 72) 10.9 kB, colorDN / CAR (216) 31.6 kB, classicSR x2 and x4 (360) 53.0 kB,
-#   realDN UNet (144 at full resolution, in the decoder/refinement at 2 * dim) 23.4 kB,
-# i.e. 147-162 bytes (about 40 float32 values) per channel of the SS2D's inner width d_inner: the four
-# scan directions of x, dt and y, the gate and the in/out projections. 168 bytes (42 values) bounds each
-# measurement by 4-15 %; the SR head's HR features are added on top (they peak after the body has freed).
-BYTES_PER_INNER_CHANNEL = 168
+# torch.profiler(profile_memory=True) as the slope between two tile sizes (40/56, 48/96 or 64/128 px;
+# benchmarks/bench_memory.py): lightSR (d_inner 72) 6.2-6.5 kB, colorDN / CAR (216) 18.3-20.5 kB,
+# classicSR x2 and x4 (360) 31.7 kB, realDN UNet (144 at full resolution, in the decoder/refinement at
+# 2 * dim) 12.4-14.1 kB, i.e. 85-98 bytes (about 24 float32 values) per channel of the SS2D's inner width
+# d_inner: the four scan directions of x, dt and y, the gate and the in/out projections. 120 bytes
+# (30 values) bounds each measurement by 22-43 %; the SR head's HR features are added on top (they peak
+# after the body has freed).
+BYTES_PER_INNER_CHANNEL = 120
 # The pure-PyTorch scan's work buffers (a few groups of GROUP_ELEMS float32 values) do not grow with the
-# tile; measured intercepts were 10-17 MB. 32 MiB covers them.
+# tile; measured intercepts were 1-10 MB. 32 MiB covers them.
 FIXED_BYTES = 32 << 20
 # Share of the free memory a forward may plan to use: the CPU is shared with other programs; on CUDA the
 # caching allocator fragments, and cuDNN wants workspace.
@@ -285,8 +286,8 @@ def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: st
 def activation_bytes_per_pixel(arch_type: str, kwargs: Mapping[str, Any]) -> int:
     """Estimated peak activation memory of a float32 forward per LQ pixel (bytes); see ``BYTES_PER_INNER_CHANNEL``.
 
-    MambaIR: ``168 * int(mlp_ratio * embed_dim)``, plus the HR head (pixelshuffle: 64 features, twice, per
-    HR pixel). MambaIRUNet: ``168 * int(mlp_ratio * 2 * dim)`` (its full-resolution decoder) plus the
+    MambaIR: ``120 * int(mlp_ratio * embed_dim)``, plus the HR head (pixelshuffle: 64 features, twice, per
+    HR pixel). MambaIRUNet: ``120 * int(mlp_ratio * 2 * dim)`` (its full-resolution decoder) plus the
     encoder skip (``dim`` values).
     """
     if arch_type == 'MambaIR':

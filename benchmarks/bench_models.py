@@ -7,9 +7,7 @@ Each (case, scan backend, thread count) runs in a fresh subprocess, so that its 
 (``ru_maxrss``) is its own: reported as the peak RSS and as the growth over the RSS after building the
 model (activations + scan workspace). Time = median of ``--repeats`` forwards after warm-up.
 
-The scan backend is chosen with ``basicsr_mambair.ops.scan_backend('torch' | 'reference')``. Where
-that switch does not exist yet (the placeholder scan), one column ``placeholder`` is measured instead
-and the script says so.
+The scan backend is chosen with ``basicsr_mambair.ops.scan_backend('torch' | 'reference')``.
 
 Usage::
 
@@ -21,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -42,23 +39,7 @@ CASES = {  # name: (preset, LR side)
     'lightSR_x4@256': ('lightSR_x4', 256),
     'classicSR_x2@64': ('classicSR_x2', 64),
 }
-PLACEHOLDER = 'placeholder'
-
-
-def scan_backends() -> tuple[list[str], str | None]:
-    """The backends to compare, and a notice when the backend switch is not available."""
-    import basicsr_mambair.ops as ops
-
-    if callable(getattr(ops, 'scan_backend', None)):
-        return ['torch', 'reference'], None
-    return [PLACEHOLDER], ('basicsr_mambair.ops.scan_backend is not available in this checkout (placeholder scan): '
-                           "measuring the single installed scan as 'placeholder'; rerun once the fast scan lands")
-
-
-def backend_context(name: str) -> contextlib.AbstractContextManager:
-    import basicsr_mambair.ops as ops
-
-    return contextlib.nullcontext() if name == PLACEHOLDER else ops.scan_backend(name)
+BACKENDS = ('torch', 'reference')
 
 
 def rss_bytes() -> int:
@@ -80,6 +61,7 @@ def measure(case: str, backend: str, threads: int, repeats: int, warmup: str) ->
     import torch
 
     torch.set_num_threads(threads)
+    from basicsr_mambair.ops import scan_backend
     from basicsr_mambair.presets import get_preset
 
     preset_name, side = CASES[case]
@@ -89,7 +71,7 @@ def measure(case: str, backend: str, threads: int, repeats: int, warmup: str) ->
     x = torch.rand(1, preset.in_channels, side, side)
     baseline = rss_bytes()
     times = []
-    with torch.inference_mode(), backend_context(backend):
+    with torch.inference_mode(), scan_backend(backend):
         # Warm-up: thread pools, allocator, one-off kernel selection. 'small' warms up on 32x32 (for
         # the slow reference scan, whose time is its Python loop, a full-size warm-up only costs time).
         model(x if warmup == 'full' else x[..., :32, :32])
@@ -121,7 +103,7 @@ def main() -> None:
     parser.add_argument('--threads', nargs='+', type=int, default=[1, 2])
     parser.add_argument('--repeats', type=int, default=5, help='timed forwards of the fast scan (median)')
     parser.add_argument('--reference-repeats', type=int, default=1,
-                        help='timed forwards of the reference / placeholder scan (slow: minutes at 256x256)')
+                        help='timed forwards of the reference scan (slow: minutes at 256x256)')
     parser.add_argument('--timeout', type=float, default=3600, help='seconds per measurement')
     parser.add_argument('--json', type=Path, help='also write all results here')
     parser.add_argument('--child', help=argparse.SUPPRESS)
@@ -129,16 +111,13 @@ def main() -> None:
 
     if args.child:
         case, backend, threads, repeats, warmup = json.loads(args.child)
-        scan_backends()  # imports basicsr_mambair (must precede `import basicsr`)
         print(json.dumps(measure(case, backend, threads, repeats, warmup)))
         return
 
-    backends, notice = scan_backends()
+    backends = BACKENDS
     machine = machine_info()
     print(f"machine: {machine['cpu']} ({machine['logical_cores']} logical cores); "
           f"python {machine['python']}, torch {machine['torch']}; load average {machine['load_average']}")
-    if notice:
-        print(f'NOTE: {notice}')
     results = []
     for case in args.cases:
         for threads in args.threads:
@@ -155,8 +134,8 @@ def main() -> None:
                           f'forward)  [{len(result["times_s"])} run(s)]', flush=True)
 
     print('\n| case | threads | ' + ' | '.join(f'{b} time (s) | {b} peak / growth (MiB)' for b in backends)
-          + (' | speed-up |' if 'torch' in backends else ' |'))
-    print('|' + '---|' * (2 + 2 * len(backends) + ('torch' in backends)))
+          + ' | speed-up |')
+    print('|' + '---|' * (3 + 2 * len(backends)))
     by_key = {(r['case'], r['threads'], r['backend']): r for r in results}
     for case in args.cases:
         for threads in args.threads:
@@ -165,15 +144,14 @@ def main() -> None:
                 r = by_key[(case, threads, backend)]
                 cells += (['error', '-'] if 'error' in r else
                           [f"{r['median_s']:.3f}", f"{r['peak_rss_mib']:.0f} / {r['growth_mib']:.0f}"])
-            if 'torch' in backends:
-                fast, ref = by_key[(case, threads, 'torch')], by_key[(case, threads, 'reference')]
-                ok = 'error' not in fast and 'error' not in ref
-                cells.append(f"{ref['median_s'] / fast['median_s']:.1f}x" if ok else '-')
+            fast, ref = by_key[(case, threads, 'torch')], by_key[(case, threads, 'reference')]
+            ok = 'error' not in fast and 'error' not in ref
+            cells.append(f"{ref['median_s'] / fast['median_s']:.1f}x" if ok else '-')
             print(f'| {case} | {threads} | ' + ' | '.join(cells) + ' |')
     machine['load_average_end'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
     print(f"load average at the end: {machine['load_average_end']}")
     if args.json:
-        args.json.write_text(json.dumps({'machine': machine, 'notice': notice, 'results': results}, indent=2))
+        args.json.write_text(json.dumps({'machine': machine, 'results': results}, indent=2))
 
 
 if __name__ == '__main__':
