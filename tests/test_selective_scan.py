@@ -115,10 +115,11 @@ def test_chunk_boundaries_match_float64_reference(small_chunks, length, groups):
 @pytest.mark.parametrize('length', [1, 5, 12, 13, 50])
 @pytest.mark.parametrize('softplus', [True, False])
 @pytest.mark.parametrize('stream_elems', [1, 400], ids=['block=group', 'block=2groups'])
-def test_inference_path_matches_float64_reference(small_chunks, monkeypatch, length, softplus, stream_elems):
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_inference_path_matches_float64_reference(small_chunks, monkeypatch, length, softplus, stream_elems, dtype):
     """Without autograd dt and x are built in blocks of groups (another code path): same values."""
     monkeypatch.setattr(ss, 'STREAM_ELEMS', stream_elems)  # a group: 3 chunks x 4 steps x batch 2 x dim 8 = 192
-    inputs = make_inputs(length=length, groups=2, seed=length)
+    inputs = make_inputs(length=length, groups=2, seed=length, dtype=dtype)
     if not softplus:
         inputs['delta'] = inputs['delta'].abs() * 0.3
     kw = dict(delta_bias=inputs['delta_bias'].abs(), delta_softplus=softplus, return_last_state=True)

@@ -442,7 +442,11 @@ class _Inputs:
         self.C = _to_steps(C, p.Lp, G)
         self.A = A.view(G, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
         self.A2 = self.A * LOG2E  # decays are exp2(dt * A * log2(e)), as in mamba_ssm's kernel
-        self._x = p.scratch(self.u, 1, 1)[0]
+        self._x: Tensor | None = p.scratch(self.u, 1, 1)[0]
+
+    def release(self) -> None:
+        """Free the forward's scratch buffer; the inputs stay for the backward."""
+        self._x = None
 
     def group(self, c0: int, k: int) -> Tuple[Tensor, Tensor]:
         """dt and x = dt * u of group (c0, k), each (T, k, batch, G, 1, H)."""
@@ -474,7 +478,7 @@ class _StreamedInputs:
         s, n = c0 * p.T, min(self.block, p.chunks - c0) * p.T
         valid = min(n, p.length - s)
         dt, x = self._dt[:, :n], self._x[:, :n]
-        rows = self._rows[:self.p.groups * self.p.h * valid].view(-1, valid)
+        rows = self._rows[:p.groups * p.h * valid].view(-1, valid)
         for i in range(p.batch):  # a contiguous copy first: ATen's fast 2D transpose needs a dense source
             dt[i, :valid].flatten(-2).copy_(rows.copy_(self.delta_src[i, :, s:s + valid]).t())
             x[i, :valid].flatten(-2).copy_(rows.copy_(self.u_src[i, :, s:s + valid]).t())
@@ -484,7 +488,10 @@ class _StreamedInputs:
             dt[:, valid:] = 0
             x[:, valid:] = 0
         if self.softplus:
-            dt[:, :valid] = _softplus(dt[:, :valid], inplace=True)
+            view = dt[:, :valid]
+            result = _softplus(view, inplace=True)
+            if result is not view:  # float64: a new tensor
+                view.copy_(result)
         x.mul_(dt)
         self._first = c0
 
@@ -582,6 +589,7 @@ class _ChunkedScan(torch.autograd.Function):
                 softplus: bool) -> Tuple[Tensor, Tensor]:
         inp = _Inputs(plan, u, delta, A, B, C, bias, softplus)
         y, last, starts = _chunked_forward(inp, plan, save_starts=True)
+        inp.release()
         ctx.inp, ctx.starts, ctx.plan = inp, starts, plan  # intermediates, not inputs: kept on ctx
         ctx.set_materialize_grads(False)
         return y, last
