@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')  # noisy shared cores: tests never race for threads
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,11 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('MAMBAIR_SHARED', REPO.parent / 'shared'))
+
+# Reference tensors of the official MambaIR/MambaIRUNet in ../shared/reference (test_mambair_arch checks
+# that the list covers every such file).
+REFERENCE_FILES = ['mambair_lightSR_x2.pt', 'tiny_mambair_CAR.pt', 'tiny_mambair_classicSR_x2.pt',
+                   'tiny_mambair_classicSR_x3.pt', 'tiny_mambair_colorDN.pt', 'tiny_mambairunet.pt']
 
 CONSOLE_SCRIPTS = {
     'mambair-train': 'basicsr_mambair.train',
@@ -66,6 +72,21 @@ def cli_env(**extra: str) -> dict[str, str]:
     env['OMP_NUM_THREADS'] = '1'
     env.update(extra)
     return env
+
+
+def arch_class(arch_type: str) -> type[torch.nn.Module]:
+    """The class registered in BasicSR's ARCH_REGISTRY (what option files build)."""
+    from basicsr.utils.registry import ARCH_REGISTRY  # after basicsr_mambair (torchvision alias)
+
+    return ARCH_REGISTRY.get(arch_type)
+
+
+def constructor_args(arch_type: str, kwargs: dict) -> dict:
+    """Every constructor argument of the arch: its defaults overridden by ``kwargs``, tuples as lists."""
+    params = inspect.signature(arch_class(arch_type)).parameters.values()
+    full = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    full.update(kwargs)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
 
 
 def run_cli(script: str, *args: str, cwd: Path, timeout: float = 600, check: bool = True,

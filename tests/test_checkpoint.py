@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE_FILES, arch_class, constructor_args
 
 import basicsr_mambair  # noqa: F401  (registers the archs)
 from basicsr_mambair.archs.mambair_arch import MambaIR
@@ -16,31 +16,11 @@ from basicsr_mambair.models.mambair_model import MambaIRModel
 from basicsr_mambair.presets import PRESETS
 from basicsr_mambair.utils.checkpoint import CheckpointError, infer_config, load_checked, read_state_dict
 
-TINY_REFERENCES = ['mambair_lightSR_x2.pt', 'tiny_mambair_CAR.pt', 'tiny_mambair_classicSR_x2.pt',
-                   'tiny_mambair_classicSR_x3.pt', 'tiny_mambair_colorDN.pt', 'tiny_mambairunet.pt']
-
-
-
-def arch_class(arch_type: str) -> type[torch.nn.Module]:
-    """The class registered in BasicSR's ARCH_REGISTRY (what option files build)."""
-    # Imported here: `import basicsr` must follow `import basicsr_mambair` (its torchvision alias), and
-    # import sorting would put it first at the top of the module.
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    return ARCH_REGISTRY.get(arch_type)
-
-def with_defaults(arch_type: str, kwargs: dict) -> dict:
-    """Constructor defaults overridden by ``kwargs`` (tuples as lists, as in option files)."""
-    params = inspect.signature(arch_class(arch_type)).parameters.values()
-    full = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    full.update(kwargs)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
-
 
 def assert_inferred(state_dict: dict, arch_type: str, kwargs: dict) -> None:
     inferred_type, inferred = infer_config(state_dict)
     assert inferred_type == arch_type
-    expected = with_defaults(arch_type, kwargs)
+    expected = constructor_args(arch_type, kwargs)
     assert inferred == {k: expected[k] for k in inferred}
 
 
@@ -59,7 +39,7 @@ def test_infer_config_of_every_preset(name: str) -> None:
     assert_inferred(net.state_dict(), preset.arch_type, preset.kwargs)
 
 
-@pytest.mark.parametrize('name', TINY_REFERENCES)
+@pytest.mark.parametrize('name', REFERENCE_FILES)
 def test_infer_config_of_reference_checkpoints(reference_dir: Path, name: str) -> None:
     ref = torch.load(reference_dir / name, weights_only=True)
     assert_inferred(ref['state_dict'], ref['arch_type'], ref['kwargs'])

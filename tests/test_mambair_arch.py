@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REFERENCE_FILES, arch_class
 
 import basicsr_mambair  # noqa: F401  (registers the archs)
 from basicsr_mambair.archs import ss2d as ss2d_module
@@ -14,9 +15,6 @@ from basicsr_mambair.archs.mambair_arch import MambaIR
 from basicsr_mambair.archs.mambairunet_arch import MambaIRUNet
 from basicsr_mambair.archs.ss2d import cross_merge, cross_scan
 from basicsr_mambair.presets import PRESETS, get_preset
-
-REFERENCE_FILES = ['mambair_lightSR_x2.pt', 'tiny_mambair_CAR.pt', 'tiny_mambair_classicSR_x2.pt',
-                   'tiny_mambair_classicSR_x3.pt', 'tiny_mambair_colorDN.pt', 'tiny_mambairunet.pt']
 
 # Spec section 5: measured on the official classes.
 OFFICIAL_COUNTS = {  # preset: (parameters, state-dict keys)
@@ -31,13 +29,6 @@ TINY_SR = {'embed_dim': 36, 'depths': [1, 1], 'd_state': 8, 'mlp_ratio': 1.5, 'd
 
 
 
-def arch_class(arch_type: str) -> type[torch.nn.Module]:
-    """The class registered in BasicSR's ARCH_REGISTRY (what option files build)."""
-    # Imported here: `import basicsr` must follow `import basicsr_mambair` (its torchvision alias), and
-    # import sorting would put it first at the top of the module.
-    from basicsr.utils.registry import ARCH_REGISTRY
-
-    return ARCH_REGISTRY.get(arch_type)
 
 def load_reference(reference_dir: Path, name: str) -> dict:
     return torch.load(reference_dir / name, map_location='cpu', weights_only=True)

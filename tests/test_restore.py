@@ -6,7 +6,6 @@ that the 20M-parameter classic-SR network runs in seconds on one CPU thread.
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REFERENCE_FILES, arch_class, constructor_args, run_cli
 
 import basicsr_mambair  # noqa: F401  (registers the archs; before `import basicsr`)
 from basicsr_mambair import restore_cli
@@ -32,23 +31,12 @@ from basicsr_mambair.restoration import (
 )
 from basicsr_mambair.utils.checkpoint import CheckpointError
 
-REFERENCES = ['mambair_lightSR_x2.pt', 'tiny_mambair_CAR.pt', 'tiny_mambair_classicSR_x2.pt',
-              'tiny_mambair_classicSR_x3.pt', 'tiny_mambair_colorDN.pt', 'tiny_mambairunet.pt']
 NOT_SHAPING = ('img_size', 'img_range', 'drop_path_rate', 'drop_rate', 'use_checkpoint', 'norm_layer', 'patch_size')
 
 
-def arch_class(arch_type: str) -> type[torch.nn.Module]:
-    from basicsr.utils.registry import ARCH_REGISTRY  # after basicsr_mambair (torchvision alias)
-
-    return ARCH_REGISTRY.get(arch_type)
-
-
-def constructor_args(arch_type: str, kwargs: dict) -> dict:
+def shaping_args(arch_type: str, kwargs: dict) -> dict:
     """All constructor arguments (defaults filled in) that shape the parameters, tuples as lists."""
-    params = inspect.signature(arch_class(arch_type)).parameters.values()
-    full = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    full.update(kwargs)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items() if k not in NOT_SHAPING}
+    return {k: v for k, v in constructor_args(arch_type, kwargs).items() if k not in NOT_SHAPING}
 
 
 def make_net(name: str, seed: int = 0) -> torch.nn.Module:
@@ -226,18 +214,18 @@ def test_inference_is_exact_for_every_official_config(name: str, sharing: list, 
     torch.save({'params': net.state_dict()}, tmp_path / 'net.pth')
     model = load_model(tmp_path / 'net.pth', device='cpu')
     assert model.arch_type == preset.arch_type
-    assert constructor_args(model.arch_type, model.kwargs) == constructor_args(preset.arch_type, preset.kwargs)
+    assert shaping_args(model.arch_type, model.kwargs) == shaping_args(preset.arch_type, preset.kwargs)
     assert (model.scale, model.in_channels) == (preset.scale, preset.in_channels)
     assert list(model.presets) == sharing
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.net.state_dict().items())
 
 
-@pytest.mark.parametrize('name', REFERENCES)
+@pytest.mark.parametrize('name', REFERENCE_FILES)
 def test_inference_is_exact_for_reference_configs(name: str, reference_dir: Path) -> None:
     ref = torch.load(reference_dir / name, weights_only=True)
     model = load_model(ref['state_dict'], device='cpu')
     assert model.arch_type == ref['arch_type']
-    assert constructor_args(model.arch_type, model.kwargs) == constructor_args(ref['arch_type'], ref['kwargs'])
+    assert shaping_args(model.arch_type, model.kwargs) == shaping_args(ref['arch_type'], ref['kwargs'])
     # img_range leaves no trace in the weights (255 in the tiny CAR reference): an option file supplies it
     network = {'type': ref['arch_type'], **ref['kwargs']}
     model = load_model(ref['state_dict'], opt={'network_g': network}, device='cpu')
