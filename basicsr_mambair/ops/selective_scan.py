@@ -424,24 +424,32 @@ def _group_adjoint(a: Tensor, g: Tensor, dt: Tensor, A2: Tensor, carry: Tensor) 
     return a[0, 0] * g[0, 0]
 
 
-class _Inputs:
+class _StateInputs:
+    """What both input layouts share: step-major B and C (batch, Lp, G, N) and A as (G, N, H)."""
+
+    def __init__(self, p: _Plan, A: Tensor, B: Tensor, C: Tensor):
+        self.p = p
+        self.B = _to_steps(B, p.Lp, p.groups)
+        self.C = _to_steps(C, p.Lp, p.groups)
+        self.A = A.view(p.groups, p.h, p.n).transpose(1, 2).contiguous()
+        self.A2 = self.A * LOG2E  # decays are exp2(dt * A * log2(e)), as in mamba_ssm's kernel
+
+
+class _Inputs(_StateInputs):
     """Step-major (batch, Lp, G, X) inputs of a scan with a backward pass; ``pre`` = delta + bias is kept."""
 
     def __init__(self, p: _Plan, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None,
                  softplus: bool):
+        super().__init__(p, A, B, C)
         G, L = p.groups, p.length
         pre = _to_steps(delta, p.Lp, G)
         if bias is not None:
             pre[:, :L] += bias.view(G, p.h)
         if softplus and p.Lp > L:
             pre[:, L:] = -math.inf  # softplus(-inf) = 0: padded steps get dt = 0 (decay 1, the state carries)
-        self.p, self.pre = p, pre if softplus else None
+        self.pre = pre if softplus else None
         self.dt = _softplus(pre) if softplus else pre
         self.u = _to_steps(u, p.Lp, G)  # padding 0: no input
-        self.B = _to_steps(B, p.Lp, G)  # (b, Lp, G, N)
-        self.C = _to_steps(C, p.Lp, G)
-        self.A = A.view(G, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
-        self.A2 = self.A * LOG2E  # decays are exp2(dt * A * log2(e)), as in mamba_ssm's kernel
         self._x: Tensor | None = p.scratch(self.u, 1, 1)[0]
 
     def release(self) -> None:
@@ -455,19 +463,16 @@ class _Inputs:
         return dt, torch.mul(p.steps(self.u, c0, k).unsqueeze(-2), dt, out=p.view(self._x, k, 1))
 
 
-class _StreamedInputs:
+class _StreamedInputs(_StateInputs):
     """Inputs of an inference scan: dt and x = dt * u are made a block of groups at a time from the
     (batch, dim, L) tensors, so the output is the only (batch, dim, L)-sized allocation: the peak extra
     memory is about a third of keeping step-major copies of u and delta as the training path does."""
 
     def __init__(self, p: _Plan, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None,
                  softplus: bool):
-        self.p, self.u_src, self.delta_src, self.softplus = p, u, delta, softplus
+        super().__init__(p, A, B, C)  # step-major B and C: 1/H of u's size
+        self.u_src, self.delta_src, self.softplus = u, delta, softplus
         self.bias = None if bias is None else bias.view(p.groups, p.h)
-        self.B = _to_steps(B, p.Lp, p.groups)  # (b, Lp, G, N): 1/H of u's size
-        self.C = _to_steps(C, p.Lp, p.groups)
-        self.A = A.view(p.groups, p.h, p.n).transpose(1, 2).contiguous()  # (G, N, H)
-        self.A2 = self.A * LOG2E
         self.block = p.K * max(1, STREAM_ELEMS // (p.K * p.T * p.batch * p.groups * p.h))  # chunks per block
         self._dt, self._x = u.new_empty(2, p.batch, self.block * p.T, p.groups, p.h).unbind(0)
         self._rows = u.new_empty(self.block * p.T * p.groups * p.h)
