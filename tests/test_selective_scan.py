@@ -1,4 +1,5 @@
-"""Selective scan: the chunked ``torch`` backend against a float64 sequential evaluation, backend selection."""
+"""Selective scan: the chunked ``torch`` backend against a float64 sequential evaluation, backend selection
+(the ``compiled`` backend: test_compiled_scan.py)."""
 
 from __future__ import annotations
 
@@ -301,7 +302,7 @@ def test_cuda_request_on_cpu_falls_back_with_one_warning(no_mamba, monkeypatch):
 
 def test_cuda_device_without_mamba_ssm(no_mamba):
     assert get_backend('cuda') == 'torch'  # auto: no kernel -> torch
-    assert get_backend(torch.device('cpu')) == 'torch'
+    assert get_backend(torch.device('cpu')) == ('compiled' if ss._compiled_error() is None else 'torch')
     ss._mamba_fn = ss._mamba_error = None
     with pytest.warns(RuntimeWarning, match='mamba_ssm does not import'):
         assert ss._resolve('cuda', torch.device('cuda')) == 'torch'
@@ -316,10 +317,13 @@ def test_selection_precedence_and_logging(no_mamba, monkeypatch, caplog):
             assert ss._resolve(None, cpu) == 'torch'  # context manager beats the environment
             assert ss._resolve('reference', cpu) == 'reference'  # explicit argument beats both
         assert ss._resolve(None, cpu) == 'reference'  # override restored
+        assert ss._resolve('torch', cpu) == 'torch'
         monkeypatch.setenv(ss.ENV_VAR, 'AUTO')
-        assert ss._resolve(None, cpu) == 'torch'
+        auto = ss._resolve(None, cpu)
+        assert auto == get_backend(cpu)
     logged = [r.getMessage() for r in caplog.records if r.name == 'basicsr']
-    assert logged == ['Selective scan backend: reference', 'Selective scan backend: torch']  # once per backend
+    assert logged[:2] == ['Selective scan backend: reference', 'Selective scan backend: torch']  # once per backend
+    assert len(logged) == 2 + (auto != 'torch') and logged[-1].startswith(f'Selective scan backend: {auto}')
     monkeypatch.setenv(ss.ENV_VAR, 'fast')
     with pytest.raises(ValueError, match='unknown selective scan backend'):
         ss._resolve(None, cpu)

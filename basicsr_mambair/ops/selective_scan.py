@@ -11,9 +11,14 @@ group of channel d (MambaIR scans its 4 directions as G = 4 groups in one call).
 Backends behind :func:`selective_scan` (argument, :func:`scan_backend`, or ``MAMBAIR_SCAN``):
 
 - ``cuda``: ``mamba_ssm``'s kernel, imported lazily the first time CUDA tensors are scanned.
-- ``torch``: a chunked scan in pure PyTorch with its own backward (default without ``mamba_ssm``);
+- ``compiled``: our C kernel for CPU inference (:mod:`.compiled_scan`, built on first use with the
+  system's C compiler); calls that need gradients, and float64 calls, run the ``torch`` backend.
+- ``torch``: a chunked scan in pure PyTorch with its own backward, on any device;
   float32 results agree with a float64 evaluation to ~1e-6 relative, also for long sequences.
 - ``reference``: a plain sequential loop with autograd through it; slow, for tests only.
+
+``auto`` picks ``cuda`` for CUDA tensors when ``mamba_ssm`` imports, ``compiled`` for CPU tensors where
+the kernel builds, and ``torch`` otherwise.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compiled_scan
+
 __all__ = ['selective_scan', 'selective_scan_reference', 'scan_backend', 'get_backend', 'BACKENDS']
 
-BACKENDS = ('auto', 'cuda', 'torch', 'reference')
+BACKENDS = ('auto', 'cuda', 'compiled', 'torch', 'reference')
 ENV_VAR = 'MAMBAIR_SCAN'
 
 # Chunk length T: the scan runs sequentially over the T steps of a chunk, for many chunks at once, so
@@ -98,13 +105,26 @@ def _load_mamba() -> Callable | None:
     return _mamba_fn
 
 
-def get_backend(tensor_device: torch.device | str) -> str:
-    """The backend ``auto`` picks for tensors on ``tensor_device``: ``cuda`` or ``torch``.
+def _compiled_error() -> str | None:
+    """Why the compiled CPU kernel cannot be used here (None when it can; built on the first call)."""
+    try:
+        compiled_scan.load()
+    except compiled_scan.KernelUnavailable as exc:
+        return str(exc)
+    return None
 
-    Only asking about a CUDA device tries to import ``mamba_ssm``.
+
+def get_backend(tensor_device: torch.device | str) -> str:
+    """The backend ``auto`` picks for tensors on ``tensor_device``: ``cuda``, ``compiled`` or ``torch``.
+
+    Only asking about a CUDA device tries to import ``mamba_ssm``; only asking about the CPU builds the
+    compiled kernel.
     """
-    if torch.device(tensor_device).type == 'cuda' and _load_mamba() is not None:
+    device = torch.device(tensor_device)
+    if device.type == 'cuda' and _load_mamba() is not None:
         return 'cuda'
+    if device.type == 'cpu' and _compiled_error() is None:
+        return 'compiled'
     return 'torch'
 
 
@@ -116,8 +136,11 @@ def _warn_once(key: str, message: str) -> None:
 
 def _resolve(backend: str | None, device: torch.device) -> str:
     name = _check_name(backend or _override or os.environ.get(ENV_VAR, '') or 'auto')
+    note = ''
     if name == 'auto':
         name = get_backend(device)
+        if device.type == 'cpu' and name == 'torch':
+            note = f' (compiled CPU kernel unavailable: {_compiled_error()})'
     elif name == 'cuda':
         if device.type != 'cuda':
             _warn_once('cuda-device', f'selective scan backend "cuda" needs CUDA tensors (got {device.type}); '
@@ -127,9 +150,18 @@ def _resolve(backend: str | None, device: torch.device) -> str:
             _warn_once('cuda-import', f'selective scan backend "cuda": mamba_ssm does not import '
                                       f'({_mamba_error!r}); falling back to the pure PyTorch scan')
             name = 'torch'
+    elif name == 'compiled':
+        if device.type != 'cpu':
+            _warn_once('compiled-device', f'selective scan backend "compiled" needs CPU tensors (got '
+                                          f'{device.type}); falling back to the pure PyTorch scan')
+            name = 'torch'
+        elif _compiled_error() is not None:
+            _warn_once('compiled-build', f'selective scan backend "compiled" is unavailable: {_compiled_error()}; '
+                                         'falling back to the pure PyTorch scan')
+            name = 'torch'
     if name not in _logged:
         _logged.add(name)
-        _logger.info('Selective scan backend: %s', name)
+        _logger.info('Selective scan backend: %s%s', name, note)
     return name
 
 
@@ -139,6 +171,7 @@ def _reset_state() -> None:
     _logged.clear()
     _warned.clear()
     _mamba_fn = _mamba_error = None
+    compiled_scan._reset()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +189,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         D: (dim,) skip connection; z: (batch, dim, L) gate, output multiplied by silu(z).
         delta_bias: (dim,) added to delta; delta_softplus: apply softplus to delta + delta_bias.
         return_last_state: also return the final state h[L-1], (batch, dim, N).
-        backend: 'auto' | 'cuda' | 'torch' | 'reference'; None: :func:`scan_backend` override, else
+        backend: 'auto' | 'cuda' | 'compiled' | 'torch' | 'reference'; None: :func:`scan_backend` override, else
             the ``MAMBAIR_SCAN`` environment variable, else 'auto'.
 
     Returns:
@@ -166,7 +199,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     name = _resolve(backend, u.device)
     if name == 'cuda':
         return _mamba_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    impl = _scan_torch if name == 'torch' else selective_scan_reference
+    impl = {'compiled': _scan_compiled, 'torch': _scan_torch, 'reference': selective_scan_reference}[name]
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -628,4 +661,22 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
                                       save_starts=False)
         graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (D, z))
         out = _finish(y, u, D, z, out_dtype, inplace=not graph)
+    return (out, last) if return_last_state else out
+
+
+# ------------------------------------------------------------------------------------------------
+# compiled backend: C kernel for CPU inference
+# ------------------------------------------------------------------------------------------------
+def _scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False) -> ScanOut:
+    """The ``compiled`` backend (shapes as :func:`selective_scan`): the C kernel for float32 (and half)
+    inference, the ``torch`` backend where autograd needs a graph or the computation is float64."""
+    _check_shapes(u, delta, A, B, C)
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if _compute_dtype(u.dtype) == torch.float64 or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    y, last = compiled_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)
+    out = _finish(y, u, None, z, u.dtype, inplace=True)
     return (out, last) if return_last_state else out

@@ -1,0 +1,223 @@
+"""The ``compiled`` selective scan: a C kernel for CPU inference, built on first use.
+
+``scan_kernel.c`` is compiled with the system's C compiler (``$CC``, else cc / gcc / clang) into a
+shared library cached under ``$MAMBAIR_CACHE_DIR`` (default ``~/.cache/basicsr_mambair``), keyed by the
+source, the compiler and the CPU, and called through ctypes on float32 tensors in place. Work is split
+over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no compiler is found, the build
+fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
+:class:`KernelUnavailable` with the reason and the caller uses the ``torch`` backend.
+
+Forward only (no autograd): :mod:`.selective_scan` calls it for CPU inference in float32 / float16 /
+bfloat16 and runs the ``torch`` backend where gradients are needed or for float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ['KernelUnavailable', 'load', 'scan_forward', 'cache_dir']
+
+SOURCE = Path(__file__).with_name('scan_kernel.c')
+LOG2E = math.log2(math.e)
+# Units (blocks of 16 channels over all L steps) below which one thread does all the work: the pool's
+# hand-off (~0.1 ms) would cost more than it saves.
+MIN_PARALLEL_ELEMS = 1 << 18
+
+
+class KernelUnavailable(RuntimeError):
+    """The C kernel cannot be used here; the message says why (one line)."""
+
+
+class _Args(ctypes.Structure):
+    """``scan_args`` of scan_kernel.c (same field order)."""
+    _fields_ = ([(k, ctypes.c_void_p) for k in ('u', 'delta', 'A2', 'B', 'C', 'D', 'bias', 'y', 'last')] +
+                [(k, ctypes.c_int64) for k in ('batch', 'dim', 'groups', 'n', 'length', 'b_batch', 'b_group',
+                                               'c_batch', 'c_group', 'softplus')])
+
+
+_lib: ctypes.CDLL | None = None
+_error: KernelUnavailable | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$MAMBAIR_CACHE_DIR``, else ``$XDG_CACHE_HOME`` or ~/.cache."""
+    if os.environ.get('MAMBAIR_CACHE_DIR'):
+        return Path(os.environ['MAMBAIR_CACHE_DIR'])
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'basicsr_mambair'
+
+
+def _compiler() -> str:
+    for name in (os.environ.get('CC'), 'cc', 'gcc', 'clang'):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise KernelUnavailable('no C compiler found (set CC, or install gcc or clang)')
+
+
+def _cpu_signature() -> str | None:
+    """The CPU's model and feature flags on Linux (None elsewhere: then no -march=native, see _build)."""
+    try:
+        lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError:
+        return None
+    wanted = ('model name', 'flags', 'Features', 'CPU part', 'isa')
+    return '\n'.join(sorted({ln for ln in lines if ln.split(':')[0].strip() in wanted}))
+
+
+def _build() -> Path:
+    """Compile scan_kernel.c once per (source, compiler, CPU); return the shared library's path."""
+    cc = _compiler()
+    try:
+        version = subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f'C compiler {cc} does not run: {exc}') from exc
+    cpu = _cpu_signature()
+    # -march=native only where the cache key names the CPU, so a shared home directory never hands a
+    # library built for one CPU to another. No -ffast-math: inf and NaN must behave as in PyTorch.
+    attempts = ([['-march=native']] if cpu else []) + [[]]
+    source = SOURCE.read_bytes()
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder)
+        probe.close()
+    except OSError:
+        folder = Path(tempfile.gettempdir()) / f'basicsr_mambair-{os.getuid() if hasattr(os, "getuid") else 0}'
+        folder.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in attempts:
+        flags = ['-O3', '-std=gnu11', '-fPIC', '-shared', *extra]
+        key = hashlib.sha256(b'\0'.join([source, cc.encode(), version.encode(), ' '.join(flags).encode(),
+                                         (cpu or platform.machine()).encode()])).hexdigest()[:20]
+        target = folder / f'scan_kernel-{key}{".dll" if sys.platform == "win32" else ".so"}'
+        if target.exists():
+            return target
+        tmp = target.with_name(f'{target.name}.{os.getpid()}.tmp')  # concurrent builds (DDP) never clash
+        try:
+            proc = subprocess.run([cc, *flags, str(SOURCE), '-o', str(tmp)], capture_output=True, text=True,
+                                  timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+            continue
+        if proc.returncode == 0 and tmp.exists():
+            os.replace(tmp, target)
+            return target
+        tmp.unlink(missing_ok=True)
+        errors.append((proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}'])[0])
+    raise KernelUnavailable(f'{cc} could not build {SOURCE.name}: {errors[-1]}')
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """The kernel on a small case with every feature (partial channel blocks, a partial tile, generic N,
+    softplus, bias, D, last state, shared and grouped B/C) against the float64 reference."""
+    from .selective_scan import selective_scan_reference
+
+    g = torch.Generator().manual_seed(0)
+    batch, dim, length = 2, 40, 70
+    for n, b_groups in ((16, 2), (3, 0)):
+        u, delta = torch.randn(batch, dim, length, generator=g), torch.randn(batch, dim, length, generator=g)
+        A = -torch.rand(dim, n, generator=g) * 4
+        B = torch.randn(batch, *((b_groups,) if b_groups else ()), n, length, generator=g)
+        C = torch.randn(batch, 2, n, length, generator=g)
+        D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+        y, last = _run(lib, u, delta, A, B, C, D, bias, True, True)
+        y64, last64 = selective_scan_reference(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                                               D.double(), None, bias.double(), True, True)
+        for got, want in ((y, y64), (last, last64)):
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            if not err < 1e-5:
+                raise KernelUnavailable(f'built kernel disagrees with the reference (relative error {err:.1e})')
+
+
+def load() -> ctypes.CDLL:
+    """The built and checked kernel library (built on the first call; the outcome is kept)."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            lib.mambair_scan_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
+            lib.mambair_scan_forward.restype = None
+            lib.mambair_scan_units.argtypes = [ctypes.POINTER(_Args)]
+            lib.mambair_scan_units.restype = ctypes.c_int64
+            _self_check(lib)
+            _lib = lib
+        except KernelUnavailable as exc:
+            _error = exc
+        except (OSError, AttributeError) as exc:  # a library that does not load or lacks the symbols
+            _error = KernelUnavailable(f'built kernel does not load: {exc}')
+    if _error is not None:
+        raise _error
+    return _lib
+
+
+def _reset() -> None:
+    """Forget the loaded library and any failure (for tests)."""
+    global _lib, _error
+    _lib = _error = None
+
+
+def _step_major(t: Tensor, length: int) -> Tuple[Tensor, int, int]:
+    """B or C, (batch, N, L) or (batch, G, N, L), as contiguous float32 (..., L, N); batch and group strides."""
+    tm = t.float().transpose(-1, -2).contiguous()
+    n = tm.shape[-1]
+    return (tm, length * n, 0) if t.dim() == 3 else (tm, tm.shape[1] * length * n, length * n)
+
+
+def _run(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+         delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool) -> Tuple[Tensor, Tensor | None]:
+    global _pool, _pool_size
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
+    u, delta = u.float().contiguous(), delta.float().contiguous()
+    A2 = (A.float() * LOG2E).contiguous()
+    (Bm, b_batch, b_group), (Cm, c_batch, c_group) = _step_major(B, length), _step_major(C, length)
+    D = None if D is None else D.float().contiguous()
+    bias = None if delta_bias is None else delta_bias.float().contiguous()
+    y = torch.empty_like(u)
+    last = u.new_empty(batch, dim, n) if return_last_state else None
+
+    def ptr(t: Tensor | None) -> int | None:
+        return None if t is None else t.data_ptr()
+
+    args = _Args(ptr(u), ptr(delta), ptr(A2), ptr(Bm), ptr(Cm), ptr(D), ptr(bias), ptr(y), ptr(last),
+                 batch, dim, groups, n, length, b_batch, b_group, c_batch, c_group, int(delta_softplus))
+    units = lib.mambair_scan_units(ctypes.byref(args))
+    workers = min(torch.get_num_threads(), units, max(1, batch * dim * length * n // MIN_PARALLEL_ELEMS))
+    if workers <= 1:
+        lib.mambair_scan_forward(ctypes.byref(args), 0, units)
+    else:
+        if _pool is None or _pool_size != workers:
+            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix='mambair-scan'), workers
+        bounds = [units * i // workers for i in range(workers + 1)]
+        jobs = [_pool.submit(lib.mambair_scan_forward, ctypes.byref(args), lo, hi)
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for job in jobs:
+            job.result()
+    return y, last
+
+
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                 delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                 return_last_state: bool = False) -> Tuple[Tensor, Tensor | None]:
+    """Forward scan without gate (shapes as :func:`~.selective_scan.selective_scan`, validated there).
+
+    Returns y (batch, dim, L) float32 including ``D * u``, and the last state (batch, dim, N) float32 or
+    None. Raises :class:`KernelUnavailable` when the kernel cannot be built here.
+    """
+    return _run(load(), u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)

@@ -1,0 +1,314 @@
+"""The ``compiled`` scan backend (C kernel for CPU inference): exactness, its exp and softplus, threads,
+dispatch, the build cache and every way the build can fail."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from basicsr_mambair.ops import compiled_scan, selective_scan, selective_scan_reference
+
+ss = importlib.import_module('basicsr_mambair.ops.selective_scan')
+HAS_COMPILER = any(shutil.which(c) for c in ('cc', 'gcc', 'clang'))
+
+
+@pytest.fixture(autouse=True)
+def kernel():
+    """The built kernel. Where a C compiler exists it must build and pass its self-check (a failure here is
+    a bug, not a skip); only a machine without one skips."""
+    compiled_scan._reset()
+    try:
+        compiled_scan.load()
+    except compiled_scan.KernelUnavailable as exc:
+        if HAS_COMPILER:
+            pytest.fail(f'the compiled scan does not build with the compiler present: {exc}')
+        pytest.skip(f'no C compiler: {exc}')
+    yield
+    compiled_scan._reset()
+    ss._reset_state()
+
+
+def inputs(batch=2, dim=40, groups=4, n=16, length=70, b_groups=None, c_groups=None, dt_scale=1.0, a_max=4.0,
+           seed=0, dtype=torch.float32):
+    """Scan inputs; B and C get ``b_groups`` / ``c_groups`` groups (0: the shared (batch, N, L) layout)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def bc(k):
+        k = groups if k is None else k
+        return rnd(batch, k, n, length) if k else rnd(batch, n, length)
+
+    t = {'u': rnd(batch, dim, length), 'delta': rnd(batch, dim, length) * dt_scale,
+         'A': -(torch.rand(dim, n, generator=g, dtype=torch.float64) * a_max + 0.01), 'B': bc(b_groups),
+         'C': bc(c_groups), 'D': rnd(dim), 'z': rnd(batch, dim, length), 'delta_bias': rnd(dim) - 1}
+    return {k: v.to(dtype) for k, v in t.items()}
+
+
+def scan(t, backend, use_d=True, use_z=True, use_bias=True, softplus=True, last_state=True):
+    out = selective_scan(t['u'], t['delta'], t['A'], t['B'], t['C'], t['D'] if use_d else None,
+                         z=t['z'] if use_z else None, delta_bias=t['delta_bias'] if use_bias else None,
+                         delta_softplus=softplus, return_last_state=last_state, backend=backend)
+    return out if last_state else (out, None)
+
+
+def assert_close(actual, expected, rtol=1e-5, name=''):
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f'{name}: non-finite values'
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rtol * scale, f'{name}: max error {err:.3g} vs scale {scale:.3g}'
+
+
+def check(t, **options):
+    """Compiled float32 against the float64 sequential reference, to 1e-5 of the largest value."""
+    with torch.no_grad():
+        y, last = scan(t, 'compiled', **options)
+        y64, last64 = scan({k: v.double() for k, v in t.items()}, 'reference', **options)
+    assert y.dtype == t['u'].dtype
+    assert_close(y, y64, name='y')
+    if last64 is not None:
+        assert last.dtype == torch.float32
+        assert_close(last, last64, name='last state')
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('length', [1, 7, 63, 64, 65, 1000])
+@pytest.mark.parametrize('n', [16, 10, 3], ids=['N16', 'N10', 'N3'])
+def test_matches_float64_reference(length, n):
+    """Both specialised state sizes and the generic one; partial tiles; dim 40 = 4 groups of 10 channels
+    (one partial block of 16 each), batch 2."""
+    check(inputs(n=n, length=length, seed=length + n))
+
+
+@pytest.mark.parametrize('layout', [(4, 4), (0, 0), (4, 0), (0, 2), (1, 1)],
+                         ids=['grouped', 'shared', 'B grouped, C shared', 'B shared, C 2 groups', 'G=1'])
+@pytest.mark.parametrize('dim', [8, 96])
+def test_b_c_layouts_and_channel_blocks(layout, dim):
+    """Every B/C layout; 2 channels per group, and 24 (a full block of 16 and a partial one)."""
+    b_groups, c_groups = layout
+    check(inputs(dim=dim, b_groups=b_groups, c_groups=c_groups, length=130, seed=dim))
+
+
+@pytest.mark.parametrize('options', [
+    dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
+    dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call
+    dict(use_d=False, use_z=True, use_bias=False, softplus=True, last_state=True),
+    dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True),
+], ids=['bare', 'mambair', 'z+last', 'all-no-softplus'])
+def test_options_match_float64_reference(options):
+    t = inputs(length=301, dt_scale=0.5, seed=3)
+    if not options['softplus']:  # delta must be a positive step without softplus
+        t['delta'], t['delta_bias'] = t['delta'].abs() * 0.3, t['delta_bias'].abs() * 0.1
+    check(t, **options)
+
+
+def test_stress_large_steps_and_decays():
+    """dt up to 3 and |A| up to 100 over L = 4096: exponents far below float32's range (checked exp),
+    mixed with tiles of small steps (unchecked exp)."""
+    t = inputs(batch=1, dim=32, n=16, length=4096, a_max=100.0, seed=5)
+    dt = torch.rand(t['delta'].shape, generator=torch.Generator().manual_seed(6)) * 3
+    dt[..., 1000:2000] *= 1e-3
+    t['delta'] = dt
+    check(t, use_bias=False, softplus=False, use_z=False)
+
+
+def test_overflow_and_nan_behave_like_the_reference():
+    """Growing states (A > 0 in channels 8-15) overflow to inf and then NaN at the same places as in the
+    float32 reference; a NaN input poisons its own channel only."""
+    t = inputs(batch=1, dim=32, groups=1, n=4, length=40, seed=8)
+    t['A'][8:16] = t['A'][8:16].abs() * 40
+    t['delta'] = t['delta'].abs() + 0.5
+    t['u'][0, 3, 5] = float('nan')
+    with torch.no_grad():
+        y, last = scan(t, 'compiled', softplus=False, use_bias=False, use_z=False)
+        y_ref, last_ref = scan(t, 'reference', softplus=False, use_bias=False, use_z=False)
+    assert not torch.isfinite(y_ref[0, 8:16]).all() and torch.isfinite(y_ref[0, 16:]).all()
+    for got, want in ((y, y_ref), (last, last_ref)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(y[0, 3, 5:]).all() and torch.isfinite(y[0, 3, :5]).all() and torch.isfinite(y[0, 4]).all()
+
+
+def test_exp_is_accurate_over_the_float32_range():
+    """Two steps, N = 1, u = (1, 0), B = C = 1, dt = 1: the second output is exp(A) as the kernel computes
+    it, for A across float32's range: 2^(A * log2(e)) like mamba_ssm's kernel, to ~1 ulp of the float32
+    exponent (subnormal results flushed to 0)."""
+    a = torch.cat([torch.linspace(-104, 88.72, 40001), torch.tensor([-1e4, -87.4, 88.7, -float('inf')])])
+    k = a.numel()
+    u = torch.tensor([1.0, 0.0]).repeat(1, k, 1)
+    y = selective_scan(u, torch.ones(1, k, 2), a[:, None], torch.ones(1, 1, 2), torch.ones(1, 1, 2),
+                       backend='compiled')[0, :, 1].double()
+    want = 2 ** (a * compiled_scan.LOG2E).double()
+    tiny = torch.finfo(torch.float32).tiny
+    normal = want >= 2 * tiny
+    assert torch.isfinite(y).all() and want[:-1].max() < torch.finfo(torch.float32).max
+    assert ((y - want).abs() / want)[normal].max().item() < 4 * 2.0 ** -24  # ~1 ulp
+    assert (y[~normal] <= 2 * tiny).all()
+
+
+def test_softplus_is_accurate():
+    """L = 1, N = 1, u = B = C = 1: the output is dt = softplus(delta) as the kernel computes it."""
+    x = torch.cat([torch.linspace(-120, 60, 20001, dtype=torch.float64),
+                   torch.tensor([20.0, 20.5, -1e-9, 0.0, 1e-30, float('inf'), -float('inf'), float('nan')],
+                                dtype=torch.float64)]).float()
+    k = x.numel()
+    y = selective_scan(torch.ones(1, k, 1), x.view(1, k, 1), -torch.ones(k, 1), torch.ones(1, 1, 1),
+                       torch.ones(1, 1, 1), delta_softplus=True, backend='compiled').view(-1)
+    want = F.softplus(x.double())
+    fin = torch.isfinite(want) & (want >= torch.finfo(torch.float32).tiny)
+    assert ((y.double() - want).abs() / want)[fin].max().item() < 4 * 2.0 ** -24
+    assert torch.equal(y[x > 20], x[x > 20])  # mamba_ssm's threshold: softplus(x) = x above 20
+    assert y[-3] == float('inf') and y[-2] == 0 and torch.isnan(y[-1])
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_inputs_are_computed_in_float32(dtype):
+    t = inputs(length=33, dtype=dtype)
+    with torch.no_grad():
+        y, last = scan(t, 'compiled')
+        y32, last32 = scan({k: v.float() for k, v in t.items()}, 'compiled')
+    assert y.dtype == dtype and last.dtype == torch.float32
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(last, last32)
+
+
+def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
+    monkeypatch.setattr(compiled_scan, 'MIN_PARALLEL_ELEMS', 1)
+    t = inputs(batch=3, dim=96, length=200, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(scan(t, 'compiled'))
+    finally:
+        torch.set_num_threads(threads)
+    for y, last in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(last, results[0][1])
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------------
+def test_auto_uses_the_kernel_for_cpu_inference_and_torch_for_the_rest(monkeypatch, caplog):
+    monkeypatch.delenv(ss.ENV_VAR, raising=False)
+    ss._reset_state()
+    assert ss.get_backend('cpu') == 'compiled'
+    calls = []
+    real = compiled_scan.scan_forward
+    monkeypatch.setattr(compiled_scan, 'scan_forward', lambda *a, **k: calls.append(1) or real(*a, **k))
+    t = inputs(length=50)
+    with caplog.at_level(logging.INFO, logger='basicsr'), torch.no_grad():
+        y_auto = scan(t, None)
+    assert calls and 'Selective scan backend: compiled' in caplog.text
+    torch.testing.assert_close(y_auto, scan(t, 'torch'), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    # gradients or float64: the torch backend, bit for bit
+    leaves = {k: v.clone().requires_grad_(k == 'B') for k, v in t.items()}
+    for a, b in zip(scan(leaves, 'compiled'), scan(leaves, 'torch')):
+        assert torch.equal(a, b)
+    t64 = {k: v.double() for k, v in t.items()}
+    with torch.no_grad():
+        for a, b in zip(scan(t64, 'compiled'), scan(t64, 'torch')):
+            assert a.dtype == torch.float64 and torch.equal(a, b)
+    assert not calls
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """No C compiler on PATH, CC unset, an empty kernel cache."""
+    monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+    monkeypatch.delenv('CC', raising=False)
+    monkeypatch.setenv('MAMBAIR_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.delenv(ss.ENV_VAR, raising=False)
+    compiled_scan._reset()
+    ss._reset_state()
+
+
+def test_without_a_compiler_auto_uses_torch_and_says_why(no_compiler, caplog):
+    t = inputs(length=20)
+    with caplog.at_level(logging.INFO, logger='basicsr'), torch.no_grad():
+        y = scan(t, None)
+    assert ss.get_backend('cpu') == 'torch'
+    assert 'Selective scan backend: torch (compiled CPU kernel unavailable: no C compiler found' in caplog.text
+    with torch.no_grad():
+        assert torch.equal(y[0], scan(t, 'torch')[0])
+
+
+def test_explicit_compiled_request_falls_back_with_one_warning(no_compiler):
+    t = inputs(length=20)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter('always')
+        y1, y2 = scan(t, 'compiled')[0], scan(t, 'compiled')[0]
+    runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(runtime) == 1 and 'no C compiler found' in str(runtime[0].message)
+    assert torch.equal(y1, y2)
+
+
+def test_failing_compiler_is_reported_in_one_line(no_compiler, monkeypatch, tmp_path):
+    fake = tmp_path / 'bin' / 'cc'
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\ncase "$1" in --version) echo fake 1.0;; *) echo "fatal: cannot build" >&2; exit 1;; '
+                    'esac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('CC', str(fake))
+    with pytest.raises(compiled_scan.KernelUnavailable) as info:
+        compiled_scan.load()
+    assert 'could not build scan_kernel.c: fatal: cannot build' in str(info.value)
+    assert '\n' not in str(info.value)
+    assert not list((tmp_path / 'cache').glob('*'))  # no half-written library left in the cache
+
+
+def test_kernel_disagreeing_with_the_reference_is_not_used(monkeypatch):
+    """The self-check that guards against a miscompiled kernel: with a wrong 'reference' it must refuse."""
+    compiled_scan._reset()
+    monkeypatch.setattr(ss, 'selective_scan_reference',
+                        lambda *a, **k: tuple(2 * r for r in selective_scan_reference(*a, **k)))
+    with pytest.raises(compiled_scan.KernelUnavailable, match='disagrees with the reference'):
+        compiled_scan.load()
+
+
+def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+    """One build per (source, compiler, CPU); a new process loads the cached library without compiling."""
+    monkeypatch.setenv('MAMBAIR_CACHE_DIR', str(tmp_path))
+    compiled_scan._reset()
+    compiled_scan.load()
+    built = list(tmp_path.glob('scan_kernel-*'))
+    assert len(built) == 1
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, 'run', lambda cmd, **k: runs.append(cmd) or real_run(cmd, **k))
+    compiled_scan._reset()
+    compiled_scan.load()
+    assert all('--version' in cmd for cmd in runs)  # asked the compiler's version, compiled nothing
+    assert list(tmp_path.glob('scan_kernel-*')) == built
+
+
+def test_realistic_mambair_inputs_at_full_length():
+    """MambaIR's initial values (S4D-real A = -(1..N), dt bias for steps in [1e-3, 0.1]) at L = 4096."""
+    g = torch.Generator().manual_seed(0)
+    dim, n, length = 64, 16, 4096
+    dt0 = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    t = {'u': torch.randn(1, dim, length, generator=g), 'delta': 0.5 * torch.randn(1, dim, length, generator=g),
+         'A': -torch.arange(1, n + 1, dtype=torch.float32).repeat(dim, 1),
+         'B': torch.randn(1, 4, n, length, generator=g), 'C': torch.randn(1, 4, n, length, generator=g),
+         'D': torch.ones(dim), 'z': None, 'delta_bias': dt0 + torch.log(-torch.expm1(-dt0))}
+    with torch.no_grad():
+        y = scan(t, 'compiled', use_z=False, last_state=False)[0]
+        y64 = scan({k: (None if v is None else v.double()) for k, v in t.items()}, 'reference', use_z=False,
+                   last_state=False)[0]
+    assert_close(y, y64)
