@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CPU forward time and peak memory of official MambaIR configs, fast scan vs sequential reference scan.
+"""CPU forward time and peak memory of official MambaIR configs with each scan backend.
 
 Cases (batch 1, random weights -- the scan's cost does not depend on the values):
     lightSR_x4 on a 128x128 and a 256x256 LR image, classicSR_x2 on 64x64.
@@ -7,7 +7,8 @@ Each (case, scan backend, thread count) runs in a fresh subprocess, so that its 
 (``ru_maxrss``) is its own: reported as the peak RSS and as the growth over the RSS after building the
 model (activations + scan workspace). Time = median of ``--repeats`` forwards after warm-up.
 
-The scan backend is chosen with ``basicsr_mambair.ops.scan_backend('torch' | 'reference')``.
+The scan backend is chosen with ``basicsr_mambair.ops.scan_backend(...)``: ``compiled`` (the C kernel,
+what ``auto`` runs on a CPU), ``torch`` (pure PyTorch) and ``reference`` (the sequential loop).
 
 Usage::
 
@@ -39,7 +40,7 @@ CASES = {  # name: (preset, LR side)
     'lightSR_x4@256': ('lightSR_x4', 256),
     'classicSR_x2@64': ('classicSR_x2', 64),
 }
-BACKENDS = ('torch', 'reference')
+BACKENDS = ('compiled', 'torch', 'reference')
 
 
 def rss_bytes() -> int:
@@ -122,7 +123,7 @@ def main() -> None:
     for case in args.cases:
         for threads in args.threads:
             for backend in backends:
-                fast = backend == 'torch'
+                fast = backend != 'reference'
                 result = run_child(case, backend, threads, args.repeats if fast else args.reference_repeats,
                                    'full' if fast else 'small', args.timeout)
                 results.append(result)
@@ -133,9 +134,10 @@ def main() -> None:
                           f'peak RSS {result["peak_rss_mib"]:7.0f} MiB  (+{result["growth_mib"]:.0f} MiB for the '
                           f'forward)  [{len(result["times_s"])} run(s)]', flush=True)
 
+    fast_backends = [b for b in backends if b != 'reference']
     print('\n| case | threads | ' + ' | '.join(f'{b} time (s) | {b} peak / growth (MiB)' for b in backends)
-          + ' | speed-up |')
-    print('|' + '---|' * (3 + 2 * len(backends)))
+          + ' | ' + ' | '.join(f'{b} speed-up' for b in fast_backends) + ' |')
+    print('|' + '---|' * (2 + 2 * len(backends) + len(fast_backends)))
     by_key = {(r['case'], r['threads'], r['backend']): r for r in results}
     for case in args.cases:
         for threads in args.threads:
@@ -144,9 +146,11 @@ def main() -> None:
                 r = by_key[(case, threads, backend)]
                 cells += (['error', '-'] if 'error' in r else
                           [f"{r['median_s']:.3f}", f"{r['peak_rss_mib']:.0f} / {r['growth_mib']:.0f}"])
-            fast, ref = by_key[(case, threads, 'torch')], by_key[(case, threads, 'reference')]
-            ok = 'error' not in fast and 'error' not in ref
-            cells.append(f"{ref['median_s'] / fast['median_s']:.1f}x" if ok else '-')
+            ref = by_key[(case, threads, 'reference')]
+            for backend in fast_backends:
+                fast = by_key[(case, threads, backend)]
+                ok = 'error' not in fast and 'error' not in ref
+                cells.append(f"{ref['median_s'] / fast['median_s']:.1f}x" if ok else '-')
             print(f'| {case} | {threads} | ' + ' | '.join(cells) + ' |')
     machine['load_average_end'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
     print(f"load average at the end: {machine['load_average_end']}")
