@@ -98,3 +98,37 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: float = 600, check: boo
         raise AssertionError(f'{script} {" ".join(args)} exited {proc.returncode}\n'
                              f'--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}')
     return proc
+
+
+# ------------------------------------------------------------------------------------------------
+# selective scan checks (test_selective_scan.py, test_compiled_scan.py)
+# ------------------------------------------------------------------------------------------------
+SCAN_GRAD_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+
+
+def scan_with_grads(fn, inputs, use_d=True, use_z=True, use_bias=True, softplus=True, last_state=True, seed=1,
+                    **kw):
+    """Output, last state and gradients of a fixed random loss w.r.t. every used input of a selective scan
+    ``fn`` (signature of ``selective_scan``) on ``inputs`` (a dict with the keys of SCAN_GRAD_NAMES)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y = fn(leaves['u'], leaves['delta'], leaves['A'], leaves['B'], leaves['C'], leaves['D'] if use_d else None,
+           z=leaves['z'] if use_z else None, delta_bias=leaves['delta_bias'] if use_bias else None,
+           delta_softplus=softplus, return_last_state=last_state, **kw)
+    y, last = y if last_state else (y, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum()
+    if last is not None:
+        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64)).sum()
+    skipped = {k for k, used in (('D', use_d), ('z', use_z), ('delta_bias', use_bias)) if not used}
+    used = [k for k in SCAN_GRAD_NAMES if k not in skipped]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in used])
+    return y.detach(), (None if last is None else last.detach()), dict(zip(used, grads))
+
+
+def assert_close(actual, expected, rtol=1e-5, name=''):
+    """Agreement to ``rtol`` relative to the largest reference magnitude."""
+    assert actual.shape == expected.shape, name
+    assert torch.isfinite(actual).all(), f'{name}: non-finite values'
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rtol * max(scale, 1e-30), f'{name}: max error {err:.3g} vs scale {scale:.3g} (rtol {rtol})'

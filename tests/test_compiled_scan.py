@@ -1,5 +1,5 @@
-"""The ``compiled`` scan backend (C kernel for CPU inference): exactness, its exp and softplus, threads,
-dispatch, the build cache and every way the build can fail."""
+"""The ``compiled`` scan backend (C kernel on the CPU): exactness of outputs and gradients, its exp and
+softplus, threads, dispatch, the build cache and every way the build can fail."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close, scan_with_grads
 
 from basicsr_mambair.ops import compiled_scan, selective_scan, selective_scan_reference
 
@@ -61,14 +62,6 @@ def scan(t, backend, use_d=True, use_z=True, use_bias=True, softplus=True, last_
     return out if last_state else (out, None)
 
 
-def assert_close(actual, expected, rtol=1e-5, name=''):
-    assert actual.shape == expected.shape, name
-    assert torch.isfinite(actual).all(), f'{name}: non-finite values'
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = expected.abs().max().item()
-    assert err <= rtol * scale, f'{name}: max error {err:.3g} vs scale {scale:.3g}'
-
-
 def check(t, **options):
     """Compiled float32 against the float64 sequential reference, to 1e-5 of the largest value."""
     with torch.no_grad():
@@ -79,6 +72,20 @@ def check(t, **options):
     if last64 is not None:
         assert last.dtype == torch.float32
         assert_close(last, last64, name='last state')
+
+
+def check_grads(t, **options):
+    """Outputs and the gradients w.r.t. every used input, compiled float32 against the float64 reference."""
+    y, last, grads = scan_with_grads(lambda *a, **k: selective_scan(*a, backend='compiled', **k), t, **options)
+    y64, last64, grads64 = scan_with_grads(selective_scan_reference, {k: v.double() for k, v in t.items()},
+                                           **options)
+    assert_close(y, y64, name='y')
+    if last64 is not None:
+        assert_close(last, last64, name='last state')
+    assert grads.keys() == grads64.keys()
+    for k in grads64:
+        assert grads[k].dtype == t[k].dtype
+        assert_close(grads[k], grads64[k], name=f'd{k}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,14 +182,88 @@ def test_softplus_is_accurate():
     assert y[-3] == float('inf') and y[-2] == 0 and torch.isnan(y[-1])
 
 
+# ------------------------------------------------------------------------------------------------
+# gradients (the kernel's backward)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('length', [1, 7, 65, 300])
+@pytest.mark.parametrize('n', [16, 10, 3], ids=['N16', 'N10', 'N3'])
+def test_gradients_match_float64_reference(length, n):
+    """Every input's gradient with D, z, bias, softplus and the last state in the loss; partial blocks
+    (10 channels per group) and tiles (65, 300 steps)."""
+    check_grads(inputs(n=n, length=length, seed=length + n))
+
+
+@pytest.mark.parametrize('layout', [(4, 4), (0, 0), (4, 0), (0, 2)],
+                         ids=['grouped', 'shared', 'B grouped, C shared', 'B shared, C 2 groups'])
+def test_gradients_for_every_b_c_layout(layout):
+    """dB and dC are summed over the channels of a group (and over all groups where B or C is shared)."""
+    check_grads(inputs(dim=96, b_groups=layout[0], c_groups=layout[1], length=70, seed=4))
+
+
+@pytest.mark.parametrize('options', [
+    dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
+    dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call
+    dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True),
+], ids=['bare', 'mambair', 'all-no-softplus'])
+def test_gradients_with_options(options):
+    t = inputs(length=129, dt_scale=0.5, seed=12)
+    if not options['softplus']:
+        t['delta'], t['delta_bias'] = t['delta'].abs() * 0.3, t['delta_bias'].abs() * 0.1
+    check_grads(t, **options)
+
+
+def test_gradients_under_large_steps_and_decays():
+    """The checked exp in the backward too: dt up to 3, |A| up to 100, L = 4096."""
+    t = inputs(batch=1, dim=32, n=16, length=4096, a_max=100.0, seed=5)
+    t['delta'] = torch.rand(t['delta'].shape, generator=torch.Generator().manual_seed(6)) * 3
+    t['delta'][..., 1000:2000] *= 1e-3
+    check_grads(t, use_bias=False, softplus=False, use_z=False)
+
+
+def test_gradient_from_the_last_state_only():
+    """y unused: its gradient arrives as None, the last state's drives every input gradient."""
+    t = inputs(length=100, seed=13)
+    grads = []
+    for backend, dtype in (('compiled', torch.float32), ('reference', torch.float64)):
+        leaves = [t[k].to(dtype).requires_grad_() for k in ('u', 'delta', 'A', 'B')]
+        _, last = selective_scan(*leaves, t['C'].to(dtype), delta_softplus=True, return_last_state=True,
+                                 backend=backend)
+        grads.append(torch.autograd.grad(last.sum(), leaves))
+    for name, g, g64 in zip('u delta A B'.split(), *grads):
+        assert_close(g, g64, name=name)
+
+
+def test_backward_threads_change_no_bit(monkeypatch):
+    monkeypatch.setattr(compiled_scan, 'MIN_PARALLEL_ELEMS', 1)
+    t = inputs(batch=3, dim=96, length=200, seed=14)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(scan_with_grads(lambda *a, **k: selective_scan(*a, backend='compiled', **k), t)[2])
+    finally:
+        torch.set_num_threads(threads)
+    for grads in results[1:]:
+        assert all(torch.equal(grads[k], results[0][k]) for k in grads)
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_float32(dtype):
+    """Inference: the values of the float32 computation, rounded. Training: gradients in the input dtype,
+    close to the float32 ones (the output's gradient itself arrives rounded to the half dtype)."""
     t = inputs(length=33, dtype=dtype)
     with torch.no_grad():
         y, last = scan(t, 'compiled')
         y32, last32 = scan({k: v.float() for k, v in t.items()}, 'compiled')
     assert y.dtype == dtype and last.dtype == torch.float32
     assert torch.equal(y, y32.to(dtype)) and torch.equal(last, last32)
+    _, _, grads = scan_with_grads(lambda *a, **k: selective_scan(*a, backend='compiled', **k), t)
+    _, _, grads32 = scan_with_grads(lambda *a, **k: selective_scan(*a, backend='compiled', **k),
+                                    {k: v.float() for k, v in t.items()})
+    for k in grads:
+        assert grads[k].dtype == dtype, k
+        assert_close(grads[k], grads32[k], rtol=2e-2, name=k)
 
 
 def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
@@ -204,24 +285,29 @@ def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # dispatch
 # ------------------------------------------------------------------------------------------------
-def test_auto_uses_the_kernel_for_cpu_inference_and_torch_for_the_rest(monkeypatch, caplog):
+def test_auto_uses_the_kernel_on_the_cpu_and_torch_for_float64(monkeypatch, caplog):
     monkeypatch.delenv(ss.ENV_VAR, raising=False)
     ss._reset_state()
     assert ss.get_backend('cpu') == 'compiled'
     calls = []
-    real = compiled_scan.scan_forward
-    monkeypatch.setattr(compiled_scan, 'scan_forward', lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ('scan_forward', 'scan_autograd'):
+        real = getattr(compiled_scan, name)
+        monkeypatch.setattr(compiled_scan, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+                            _real(*a, **k))
     t = inputs(length=50)
-    with caplog.at_level(logging.INFO, logger='basicsr'), torch.no_grad():
-        y_auto = scan(t, None)
-    assert calls and 'Selective scan backend: compiled' in caplog.text
-    torch.testing.assert_close(y_auto, scan(t, 'torch'), rtol=1e-5, atol=1e-5)
+    with caplog.at_level(logging.INFO, logger='basicsr'):
+        with torch.no_grad():
+            y_auto = scan(t, None)
+        leaves = {k: v.clone().requires_grad_(k == 'B') for k, v in t.items()}
+        y_train = scan(leaves, None)
+    assert calls == ['scan_forward', 'scan_autograd'] and 'Selective scan backend: compiled' in caplog.text
+    with torch.no_grad():
+        y_torch = scan(t, 'torch')
+    for got in (y_auto, y_train):
+        for a, b in zip(got, y_torch):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     calls.clear()
-    # gradients or float64: the torch backend, bit for bit
-    leaves = {k: v.clone().requires_grad_(k == 'B') for k, v in t.items()}
-    for a, b in zip(scan(leaves, 'compiled'), scan(leaves, 'torch')):
-        assert torch.equal(a, b)
-    t64 = {k: v.double() for k, v in t.items()}
+    t64 = {k: v.double() for k, v in t.items()}  # float64: the torch backend, bit for bit
     with torch.no_grad():
         for a, b in zip(scan(t64, 'compiled'), scan(t64, 'torch')):
             assert a.dtype == torch.float64 and torch.equal(a, b)

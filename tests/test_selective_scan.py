@@ -11,13 +11,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SCAN_GRAD_NAMES as GRAD_NAMES
+from conftest import assert_close
+from conftest import scan_with_grads as run
 
 from basicsr_mambair.ops import get_backend, scan_backend, selective_scan, selective_scan_reference
 
 ss = importlib.import_module('basicsr_mambair.ops.selective_scan')  # the module (the package exports the function)
-
-GRAD_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
-
 
 def make_inputs(batch=2, dim=8, length=7, n=4, groups=4, grouped=True, dt_scale=1.0, a_max=4.0, seed=0,
                 dtype=torch.float32):
@@ -34,31 +34,6 @@ def make_inputs(batch=2, dim=8, length=7, n=4, groups=4, grouped=True, dt_scale=
         'z': torch.randn(batch, dim, length, generator=g, dtype=torch.float64).to(dtype),
         'delta_bias': (torch.randn(dim, generator=g, dtype=torch.float64) - 1).to(dtype),
     }
-
-
-def run(fn, inputs, use_d=True, use_z=True, use_bias=True, softplus=True, last_state=True, seed=1, **kw):
-    """Output, last state and gradients of a fixed random loss w.r.t. every used input."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    y = fn(leaves['u'], leaves['delta'], leaves['A'], leaves['B'], leaves['C'], leaves['D'] if use_d else None,
-           z=leaves['z'] if use_z else None, delta_bias=leaves['delta_bias'] if use_bias else None,
-           delta_softplus=softplus, return_last_state=last_state, **kw)
-    y, last = y if last_state else (y, None)
-    g = torch.Generator().manual_seed(seed)
-    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum()
-    if last is not None:
-        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64)).sum()
-    used = [k for k in GRAD_NAMES if (k != 'D' or use_d) and (k != 'z' or use_z) and (k != 'delta_bias' or use_bias)]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in used])
-    return y.detach(), (None if last is None else last.detach()), dict(zip(used, grads))
-
-
-def assert_close(actual, expected, rtol=1e-5, name=''):
-    """Agreement to ``rtol`` relative to the largest reference magnitude."""
-    assert actual.shape == expected.shape, name
-    assert torch.isfinite(actual).all(), f'{name}: non-finite values'
-    scale = expected.abs().max().item()
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rtol * max(scale, 1e-30), f'{name}: max error {err:.3g} vs scale {scale:.3g} (rtol {rtol})'
 
 
 def check_against_float64(inputs, rtol=1e-5, **options):

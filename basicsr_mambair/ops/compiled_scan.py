@@ -7,8 +7,10 @@ over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no com
 fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
 :class:`KernelUnavailable` with the reason and the caller uses the ``torch`` backend.
 
-Forward only (no autograd): :mod:`.selective_scan` calls it for CPU inference in float32 / float16 /
-bfloat16 and runs the ``torch`` backend where gradients are needed or for float64.
+:func:`scan_forward` serves inference, :func:`scan_autograd` training (its backward recomputes the states
+tile by tile, so nothing of size (batch, dim, L, N) is kept). :mod:`.selective_scan` calls them for CPU
+tensors computed in float32 (float32 / float16 / bfloat16 inputs) and runs the ``torch`` backend for
+float64.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ['KernelUnavailable', 'load', 'scan_forward', 'cache_dir']
+__all__ = ['KernelUnavailable', 'load', 'scan_forward', 'scan_autograd', 'cache_dir']
 
 SOURCE = Path(__file__).with_name('scan_kernel.c')
 LOG2E = math.log2(math.e)
@@ -46,7 +48,8 @@ class _Args(ctypes.Structure):
     """``scan_args`` of scan_kernel.c (same field order)."""
     _fields_ = ([(k, ctypes.c_void_p) for k in ('u', 'delta', 'A2', 'B', 'C', 'D', 'bias', 'y', 'last')] +
                 [(k, ctypes.c_int64) for k in ('batch', 'dim', 'groups', 'n', 'length', 'b_batch', 'b_group',
-                                               'c_batch', 'c_group', 'softplus')])
+                                               'c_batch', 'c_group', 'softplus')] +
+                [(k, ctypes.c_void_p) for k in ('A', 'dy', 'dlast', 'du', 'ddelta', 'dA', 'dB', 'dC')])
 
 
 _lib: ctypes.CDLL | None = None
@@ -154,6 +157,8 @@ def load() -> ctypes.CDLL:
             lib.mambair_scan_forward.restype = None
             lib.mambair_scan_units.argtypes = [ctypes.POINTER(_Args)]
             lib.mambair_scan_units.restype = ctypes.c_int64
+            lib.mambair_scan_backward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
+            lib.mambair_scan_backward.restype = ctypes.c_int
             _self_check(lib)
             _lib = lib
         except KernelUnavailable as exc:
@@ -178,38 +183,98 @@ def _step_major(t: Tensor, length: int) -> Tuple[Tensor, int, int]:
     return (tm, length * n, 0) if t.dim() == 3 else (tm, tm.shape[1] * length * n, length * n)
 
 
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Call:
+    """The inputs in the kernel's layout (float32, contiguous, B and C step-major) and the argument struct
+    pointing at them; the tensors live as long as this object."""
+
+    def __init__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                 bias: Tensor | None, softplus: bool):
+        self.shape = u.shape
+        batch, dim, length = u.shape
+        self.n = A.shape[1]
+        self.groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
+        self.u, self.delta = u.float().contiguous(), delta.float().contiguous()
+        self.A = A.float().contiguous()
+        self.A2 = self.A * LOG2E
+        (self.B, b_batch, b_group), (self.C, c_batch, c_group) = _step_major(B, length), _step_major(C, length)
+        self.D = None if D is None else D.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.args = _Args(_ptr(self.u), _ptr(self.delta), _ptr(self.A2), _ptr(self.B), _ptr(self.C), _ptr(self.D),
+                          _ptr(self.bias), None, None, batch, dim, self.groups, self.n, length, b_batch, b_group,
+                          c_batch, c_group, int(softplus), _ptr(self.A))
+
+    def set(self, **tensors: Tensor | None) -> None:
+        """Point the struct's output / gradient fields at ``tensors`` (kept alive here)."""
+        for name, t in tensors.items():
+            setattr(self, f'_{name}', t)
+            setattr(self.args, name, _ptr(t))
+
+    def run(self, fn: Callable, units: int) -> None:
+        """fn(args, begin, end) over work units [0, units), split over torch's intra-op thread count."""
+        global _pool, _pool_size
+        batch, dim, length = self.shape
+        workers = min(torch.get_num_threads(), units, max(1, batch * dim * length * self.n // MIN_PARALLEL_ELEMS))
+        if workers <= 1:
+            results = [fn(ctypes.byref(self.args), 0, units)]
+        else:
+            if _pool is None or _pool_size != workers:
+                _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix='mambair-scan'), workers
+            bounds = [units * i // workers for i in range(workers + 1)]
+            jobs = [_pool.submit(fn, ctypes.byref(self.args), lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            results = [job.result() for job in jobs]
+        if any(r not in (None, 0) for r in results):
+            raise MemoryError('selective scan backward: out of memory for its per-thread buffers')
+
+    def forward(self, lib: ctypes.CDLL, last_state: bool) -> Tuple[Tensor, Tensor | None]:
+        batch, dim, _ = self.shape
+        y = torch.empty_like(self.u)
+        last = self.u.new_empty(batch, dim, self.n) if last_state else None
+        self.set(y=y, last=last)
+        self.run(lib.mambair_scan_forward, lib.mambair_scan_units(ctypes.byref(self.args)))
+        return y, last
+
+    def backward(self, lib: ctypes.CDLL, dy: Tensor, dlast: Tensor | None) -> Tuple[Tensor, ...]:
+        """du, ddelta (w.r.t. delta before bias and softplus), dA (dim, N), and dB, dC as
+        (batch, G, N, L) for all G groups of channels (the caller sums over G where B or C is shared)."""
+        batch, dim, length = self.shape
+        grads = {'du': torch.empty_like(self.u), 'ddelta': torch.empty_like(self.u),
+                 'dA': self.u.new_empty(batch, dim, self.n),
+                 'dB': self.u.new_zeros(batch, self.groups, length, self.n),
+                 'dC': self.u.new_zeros(batch, self.groups, length, self.n)}
+        self.set(dy=dy.float().contiguous(), dlast=None if dlast is None else dlast.float().contiguous(), **grads)
+        self.run(lib.mambair_scan_backward, batch * self.groups)
+        return (grads['du'], grads['ddelta'], grads['dA'].sum(0), grads['dB'].transpose(-1, -2),
+                grads['dC'].transpose(-1, -2))
+
+
 def _run(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
          delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool) -> Tuple[Tensor, Tensor | None]:
-    global _pool, _pool_size
-    batch, dim, length = u.shape
-    n = A.shape[1]
-    groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
-    u, delta = u.float().contiguous(), delta.float().contiguous()
-    A2 = (A.float() * LOG2E).contiguous()
-    (Bm, b_batch, b_group), (Cm, c_batch, c_group) = _step_major(B, length), _step_major(C, length)
-    D = None if D is None else D.float().contiguous()
-    bias = None if delta_bias is None else delta_bias.float().contiguous()
-    y = torch.empty_like(u)
-    last = u.new_empty(batch, dim, n) if return_last_state else None
+    return _Call(u, delta, A, B, C, D, delta_bias, delta_softplus).forward(lib, return_last_state)
 
-    def ptr(t: Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
 
-    args = _Args(ptr(u), ptr(delta), ptr(A2), ptr(Bm), ptr(Cm), ptr(D), ptr(bias), ptr(y), ptr(last),
-                 batch, dim, groups, n, length, b_batch, b_group, c_batch, c_group, int(delta_softplus))
-    units = lib.mambair_scan_units(ctypes.byref(args))
-    workers = min(torch.get_num_threads(), units, max(1, batch * dim * length * n // MIN_PARALLEL_ELEMS))
-    if workers <= 1:
-        lib.mambair_scan_forward(ctypes.byref(args), 0, units)
-    else:
-        if _pool is None or _pool_size != workers:
-            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix='mambair-scan'), workers
-        bounds = [units * i // workers for i in range(workers + 1)]
-        jobs = [_pool.submit(lib.mambair_scan_forward, ctypes.byref(args), lo, hi)
-                for lo, hi in zip(bounds[:-1], bounds[1:])]
-        for job in jobs:
-            job.result()
-    return y, last
+class _CompiledScan(torch.autograd.Function):
+    """y (without D and gate) and the last state, with the kernel's backward (states recomputed)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, bias: Tensor | None,
+                softplus: bool) -> Tuple[Tensor, Tensor]:
+        ctx.save_for_backward(u, delta, A, B, C, bias)
+        ctx.softplus = softplus
+        return _run(load(), u, delta, A, B, C, None, bias, softplus, True)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dlast: Tensor | None):
+        u, delta, A, B, C, bias = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC = _Call(u, delta, A, B, C, None, bias, ctx.softplus).backward(load(), dy, dlast)
+        dB, dC = (dB.sum(1) if B.dim() == 3 else dB), (dC.sum(1) if C.dim() == 3 else dC)
+        dbias = None if bias is None else ddelta.sum((0, 2))
+        return du, ddelta, dA, dB, dC, dbias, None
 
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -221,3 +286,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     None. Raises :class:`KernelUnavailable` when the kernel cannot be built here.
     """
     return _run(load(), u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)
+
+
+def scan_autograd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None = None,
+                  delta_softplus: bool = False) -> Tuple[Tensor, Tensor]:
+    """Differentiable scan without D and gate, for float32 tensors: y (batch, dim, L) and the last state
+    (batch, dim, N). Raises :class:`KernelUnavailable` when the kernel cannot be built here."""
+    load()
+    return _CompiledScan.apply(u, delta, A, B, C, delta_bias, delta_softplus)

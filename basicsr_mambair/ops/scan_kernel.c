@@ -11,6 +11,7 @@
  * (step, channel) order in a small buffer.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define W 16    /* channels per vector (one AVX-512 register; two AVX2 or four SSE/NEON registers) */
@@ -72,8 +73,8 @@ INLINE vf exp_nonpositive(vf x) {
 
 /* softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p(y) = 2 atanh(s) with s = y / (2 + y) in [0, 1/3]:
  * the odd series to s^15 is within 1e-9, and there is no 1 + y rounding. Above 20 this rounds to x,
- * like mamba_ssm's threshold. */
-INLINE vf softplus(vf x) {
+ * like mamba_ssm's threshold. Also returns its slope sigmoid(x) (for the backward pass). */
+INLINE vf softplus(vf x, vf *slope) {
     vf y = exp_nonpositive((vf)((vi)x | INT32_MIN)); /* exp(-|x|) */
     vf s = y / (y + 2.0f);
     vf z = s * s;
@@ -85,126 +86,258 @@ INLINE vf softplus(vf x) {
     p = p * z + 1.0f / 5.0f;
     p = p * z + 1.0f / 3.0f;
     p = p * z + 1.0f;
-    return sel(x > splat(0.0f), x, splat(0.0f)) + (s + s) * p;
+    const vi positive = x > splat(0.0f);
+    if (slope) *slope = sel(positive, splat(1.0f), y) / (y + 1.0f);
+    return sel(positive, x, splat(0.0f)) + (s + s) * p;
 }
 
-/* Inputs, all float32 and contiguous. u, delta, y: (batch, dim, L); A2 = A * log2(e): (dim, N);
- * B, C step-major (batch, G or 1, L, N) with the given batch and group strides (group stride 0 when
- * shared); D, bias: (dim,) or NULL; last: (batch, dim, N) or NULL. Keep in sync with compiled_scan.py. */
+/* Float32 tensors, contiguous. u, delta, y, dy, du, ddelta: (batch, dim, L); A, A2 = A * log2(e), dA:
+ * (dim, N) (dA: (batch, dim, N), summed over the batch by the caller); B, C step-major (batch, G or 1, L, N)
+ * with the given batch and group strides (group stride 0 when shared); dB, dC: (batch, G, L, N) step-major,
+ * zero-filled by the caller; D, bias: (dim,) or NULL; last, dlast: (batch, dim, N) or NULL. The forward
+ * uses the first block of fields, the backward all but D, y and last. Keep in sync with compiled_scan.py. */
 typedef struct {
     const float *u, *delta, *A2, *B, *C, *D, *bias;
     float *y, *last;
     int64_t batch, dim, groups, n, length;
     int64_t b_batch, b_group, c_batch, c_group;
     int64_t softplus;
+    const float *A, *dy, *dlast;
+    float *du, *ddelta, *dA, *dB, *dC;
 } scan_args;
 
-/* T steps of one tile; `safe` selects the range-checked exp (N and safe are constants after inlining) */
-INLINE void scan_tile(const int64_t N, const int safe, vf *h, const vf *a, const vf *dt, const vf *x, vf *y,
-                      const float *B, const float *C, int64_t T) {
+/* One block of channels: d0 .. d0+lanes-1 (lanes <= W) of group g of batch element b. */
+typedef struct {
+    int64_t b, g, d0, lanes, off; /* off: offset of the block's first row in (batch, dim, L) */
+    vi in_block;                  /* lanes that hold channels (the others stay exactly 0) */
+    vf bias;
+    float amin, amax;             /* range of A2 over the block */
+    const float *B, *C;           /* the group's B and C */
+} block_info;
+
+INLINE block_info block_setup(const int64_t N, const scan_args *s, int64_t b, int64_t g, int64_t d0,
+                              int64_t lanes, vf *a2) {
+    block_info k = {.b = b, .g = g, .d0 = d0, .lanes = lanes, .off = (b * s->dim + d0) * s->length};
+    k.bias = splat(0.0f);
+    k.amin = k.amax = 0.0f;
+    for (int64_t w = 0; w < W; w++) {
+        k.in_block[w] = w < lanes ? -1 : 0;
+        if (s->bias && w < lanes) k.bias[w] = s->bias[d0 + w];
+    }
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t w = 0; w < W; w++) {
+            const float v = w < lanes ? s->A2[(d0 + w) * N + n] : 0.0f;
+            a2[n][w] = v;
+            k.amin = v < k.amin ? v : k.amin;
+            k.amax = v > k.amax ? v : k.amax;
+        }
+    k.B = s->B + b * s->b_batch + g * s->b_group;
+    k.C = s->C + b * s->c_batch + g * s->c_group;
+    return k;
+}
+
+/* Copy rows [l0, l0+T) of a (rows, L) block into (step, channel) order. */
+INLINE void load_steps(vf *dst, const float *src, int64_t L, int64_t l0, int64_t T, int64_t lanes) {
+    for (int64_t w = 0; w < lanes; w++)
+        for (int64_t t = 0; t < T; t++) dst[t][w] = src[w * L + l0 + t];
+}
+
+INLINE void store_steps(float *dst, const vf *src, int64_t L, int64_t l0, int64_t T, int64_t lanes) {
+    for (int64_t w = 0; w < lanes; w++)
+        for (int64_t t = 0; t < T; t++) dst[w * L + l0 + t] = src[t][w];
+}
+
+/* dt = softplus(delta + bias) (or delta + bias) and x = dt * u for the tile's steps (u read from x);
+ * slope (if not NULL) = d dt / d delta. Returns whether every exponent dt * A2 of the tile is inside the
+ * range of normal floats, so that the unchecked exp may be used. */
+INLINE int prepare_tile(const scan_args *s, const block_info *k, int64_t l0, int64_t T, vf *dt, vf *x,
+                        vf *slope) {
+    load_steps(dt, s->delta + k->off, s->length, l0, T, k->lanes);
+    load_steps(x, s->u + k->off, s->length, l0, T, k->lanes);
+    vf dlo = splat(__builtin_inff()), dhi = -dlo;
+    for (int64_t t = 0; t < T; t++) {
+        vf d = dt[t] + k->bias, one = splat(1.0f);
+        if (s->softplus) d = softplus(d, slope ? &slope[t] : 0);
+        else if (slope) slope[t] = one;
+        d = sel(k->in_block, d, splat(0.0f)); /* padding lanes (never loaded) become exactly 0 */
+        dt[t] = d;
+        x[t] = sel(k->in_block, d * x[t], splat(0.0f));
+        dlo = sel(d < dlo, d, dlo);
+        dhi = sel(d > dhi, d, dhi);
+    }
+    float lo = __builtin_inff(), hi = -lo;
+    for (int64_t w = 0; w < W; w++) {
+        lo = dlo[w] < lo ? dlo[w] : lo;
+        hi = dhi[w] > hi ? dhi[w] : hi;
+    }
+    /* Every exponent dt * A2 lies between these corner products; when all are inside the range of
+     * normal floats the exp needs no checks (the usual case: dt >= 0, A <= 0, moderate decays).
+     * NaN or inf anywhere fails the test and takes the checked path. */
+    const float c1 = lo * k->amin, c2 = lo * k->amax, c3 = hi * k->amin, c4 = hi * k->amax;
+    return c1 >= -125.0f && c2 >= -125.0f && c3 >= -125.0f && c4 >= -125.0f &&
+           c1 <= 127.0f && c2 <= 127.0f && c3 <= 127.0f && c4 <= 127.0f;
+}
+
+/* T steps of one tile from state h; y[t] = C . h (if y), all decays and states kept (if as, hs).
+ * N, safe and the NULL-ness of the outputs are constants after inlining. */
+INLINE void scan_tile(const int64_t N, const int safe, vf *h, const vf *a2, const vf *dt, const vf *x,
+                      const float *B, const float *C, int64_t T, vf *y, vf *as, vf *hs) {
     for (int64_t t = 0; t < T; t++) {
         vf d = dt[t], xv = x[t], acc = splat(0.0f);
         const float *bt = B + t * N, *ct = C + t * N;
         for (int64_t n = 0; n < N; n++) {
-            vf p = d * a[n];
-            h[n] = (safe ? exp2_any(p) : exp2_fast(p)) * h[n] + xv * bt[n];
-            acc += h[n] * ct[n];
+            vf p = d * a2[n];
+            vf a = safe ? exp2_any(p) : exp2_fast(p);
+            h[n] = a * h[n] + xv * bt[n];
+            if (y) acc += h[n] * ct[n];
+            if (as) as[t * N + n] = a;
+            if (hs) hs[t * N + n] = h[n];
         }
-        y[t] = acc;
+        if (y) y[t] = acc;
     }
 }
 
-/* channels d0 .. d0+lanes-1 (lanes <= W) of group g of batch element b, over all L steps */
-INLINE void scan_block(const int64_t N, const scan_args *s, int64_t b, int64_t g, int64_t d0, int64_t lanes) {
+INLINE void forward_block(const int64_t N, const scan_args *s, int64_t b, int64_t g, int64_t d0, int64_t lanes) {
     const int64_t L = s->length;
-    vf h[N], a[N];
-    float amin = 0.0f, amax = 0.0f; /* range of A2 over the block (padding lanes hold 0) */
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t w = 0; w < W; w++) {
-            float v = w < lanes ? s->A2[(d0 + w) * N + n] : 0.0f;
-            a[n][w] = v;
-            amin = v < amin ? v : amin;
-            amax = v > amax ? v : amax;
-        }
-        h[n] = splat(0.0f);
-    }
-    vf bias = splat(0.0f);
-    vi in_block;
-    for (int64_t w = 0; w < W; w++) {
-        in_block[w] = w < lanes ? -1 : 0;
-        if (s->bias && w < lanes) bias[w] = s->bias[d0 + w];
-    }
-    const float *Bg = s->B + b * s->b_batch + g * s->b_group, *Cg = s->C + b * s->c_batch + g * s->c_group;
-    const int64_t off = (b * s->dim + d0) * L;
+    vf h[N], a2[N];
+    const block_info k = block_setup(N, s, b, g, d0, lanes, a2);
+    for (int64_t n = 0; n < N; n++) h[n] = splat(0.0f);
     vf dt[TILE], x[TILE], y[TILE];
-    memset(dt, 0, sizeof dt);
-    memset(x, 0, sizeof x);
     for (int64_t l0 = 0; l0 < L; l0 += TILE) {
         const int64_t T = L - l0 < TILE ? L - l0 : TILE;
-        for (int64_t w = 0; w < lanes; w++) {
-            const float *dr = s->delta + off + w * L + l0, *ur = s->u + off + w * L + l0;
-            for (int64_t t = 0; t < T; t++) {
-                dt[t][w] = dr[t];
-                x[t][w] = ur[t];
-            }
-        }
-        vf dlo = splat(__builtin_inff()), dhi = -dlo;
-        for (int64_t t = 0; t < T; t++) {
-            vf d = dt[t] + bias;
-            if (s->softplus) d = softplus(d);
-            d = sel(in_block, d, splat(0.0f)); /* padding lanes stay exactly 0 */
-            dt[t] = d;
-            x[t] = d * x[t];
-            dlo = sel(d < dlo, d, dlo);
-            dhi = sel(d > dhi, d, dhi);
-        }
-        float lo = __builtin_inff(), hi = -lo;
-        for (int64_t w = 0; w < W; w++) {
-            lo = dlo[w] < lo ? dlo[w] : lo;
-            hi = dhi[w] > hi ? dhi[w] : hi;
-        }
-        /* Every exponent dt * A2 lies between these corner products; when all are inside the range of
-         * normal floats the exp needs no checks (the usual case: dt >= 0, A <= 0, moderate decays).
-         * NaN or inf anywhere fails the test and takes the checked path. */
-        const float c1 = lo * amin, c2 = lo * amax, c3 = hi * amin, c4 = hi * amax;
-        const int fast = c1 >= -125.0f && c2 >= -125.0f && c3 >= -125.0f && c4 >= -125.0f &&
-                         c1 <= 127.0f && c2 <= 127.0f && c3 <= 127.0f && c4 <= 127.0f;
-        const float *Bt = Bg + l0 * N, *Ct = Cg + l0 * N;
-        if (fast)
-            scan_tile(N, 0, h, a, dt, x, y, Bt, Ct, T);
+        const float *Bt = k.B + l0 * N, *Ct = k.C + l0 * N;
+        if (prepare_tile(s, &k, l0, T, dt, x, 0))
+            scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, y, 0, 0);
         else
-            scan_tile(N, 1, h, a, dt, x, y, Bt, Ct, T);
-        for (int64_t w = 0; w < lanes; w++) {
-            float *yr = s->y + off + w * L + l0;
-            const float *ur = s->u + off + w * L + l0;
-            if (s->D) {
-                const float dw = s->D[d0 + w];
-                for (int64_t t = 0; t < T; t++) yr[t] = y[t][w] + dw * ur[t];
-            } else {
-                for (int64_t t = 0; t < T; t++) yr[t] = y[t][w];
+            scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, y, 0, 0);
+        if (s->D) { /* y + D u, u read again from the input (x holds dt * u) */
+            for (int64_t w = 0; w < lanes; w++) {
+                const float dw = s->D[d0 + w], *ur = s->u + k.off + w * L + l0;
+                for (int64_t t = 0; t < T; t++) y[t][w] += dw * ur[t];
             }
         }
+        store_steps(s->y + k.off, y, L, l0, T, lanes);
     }
     if (s->last)
         for (int64_t w = 0; w < lanes; w++)
             for (int64_t n = 0; n < N; n++) s->last[(b * s->dim + d0 + w) * N + n] = h[n][w];
 }
 
-/* Number of work units: blocks of up to W channels of one group of one batch element. */
+/* Sum of the W = 16 lanes, as a tree of half-width additions. */
+_Static_assert(W == 16, "lane_sum assumes 16 lanes");
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+INLINE float lane_sum(vf v) {
+    vf8 h8[2];
+    memcpy(h8, &v, sizeof v);
+    vf8 s8 = h8[0] + h8[1];
+    vf4 h4[2];
+    memcpy(h4, &s8, sizeof s8);
+    vf4 s4 = h4[0] + h4[1];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* Backward of one block. The states are recomputed: one forward pass keeps the state at every tile
+ * start, then tiles are revisited last to first, each recomputing its decays and states and running
+ * the adjoint recurrence g[t] = C[t] dy[t] + a[t+1] g[t+1] (+ dlast at the end) through it. */
+INLINE void backward_block(const int64_t N, const scan_args *s, int64_t b, int64_t g, int64_t d0, int64_t lanes,
+                           vf *starts, vf *as, vf *hs) {
+    const int64_t L = s->length, tiles = (L + TILE - 1) / TILE;
+    vf h[N], a2[N], A[N], gs[N], dA[N];
+    const block_info k = block_setup(N, s, b, g, d0, lanes, a2);
+    for (int64_t n = 0; n < N; n++) {
+        h[n] = gs[n] = dA[n] = splat(0.0f);
+        for (int64_t w = 0; w < W; w++) A[n][w] = w < lanes ? s->A[(d0 + w) * N + n] : 0.0f;
+        if (s->dlast)
+            for (int64_t w = 0; w < lanes; w++) gs[n][w] = s->dlast[(b * s->dim + d0 + w) * N + n];
+    }
+    vf dt[TILE], x[TILE], slope[TILE], dy[TILE], u[TILE], du[TILE], dd[TILE];
+    for (int64_t i = 0; i < tiles; i++) {
+        const int64_t l0 = i * TILE, T = L - l0 < TILE ? L - l0 : TILE;
+        memcpy(starts + i * N, h, N * sizeof(vf));
+        if (prepare_tile(s, &k, l0, T, dt, x, 0))
+            scan_tile(N, 0, h, a2, dt, x, k.B + l0 * N, k.C + l0 * N, T, 0, 0, 0);
+        else
+            scan_tile(N, 1, h, a2, dt, x, k.B + l0 * N, k.C + l0 * N, T, 0, 0, 0);
+    }
+    float *dBg = s->dB + (b * s->groups + g) * L * N, *dCg = s->dC + (b * s->groups + g) * L * N;
+    memset(dy, 0, sizeof dy);
+    memset(u, 0, sizeof u);
+    for (int64_t i = tiles - 1; i >= 0; i--) {
+        const int64_t l0 = i * TILE, T = L - l0 < TILE ? L - l0 : TILE;
+        const float *Bt = k.B + l0 * N, *Ct = k.C + l0 * N;
+        memcpy(h, starts + i * N, N * sizeof(vf));
+        if (prepare_tile(s, &k, l0, T, dt, x, slope))
+            scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, 0, as, hs);
+        else
+            scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, 0, as, hs);
+        load_steps(dy, s->dy + k.off, L, l0, T, lanes);
+        load_steps(u, s->u + k.off, L, l0, T, lanes);
+        for (int64_t t = T - 1; t >= 0; t--) {
+            const vf d = dt[t], xv = x[t], dyv = dy[t];
+            const float *bt = Bt + t * N, *ct = Ct + t * N;
+            float *dbt = dBg + (l0 + t) * N, *dct = dCg + (l0 + t) * N;
+            const vf *hprev = t > 0 ? hs + (t - 1) * N : starts + i * N;
+            vf dx = splat(0.0f), ddt = splat(0.0f);
+            for (int64_t n = 0; n < N; n++) {
+                const vf gn = gs[n] + dyv * ct[n]; /* dL/dh[t] */
+                dct[n] += lane_sum(dyv * hs[t * N + n]);
+                dbt[n] += lane_sum(gn * xv);
+                dx += gn * bt[n];
+                const vf da = gn * hprev[n] * as[t * N + n]; /* dL/d(dt A) */
+                dA[n] += da * d;
+                ddt += da * A[n];
+                gs[n] = gn * as[t * N + n];
+            }
+            du[t] = dx * d;
+            dd[t] = (ddt + dx * u[t]) * slope[t];
+        }
+        store_steps(s->du + k.off, du, L, l0, T, lanes);
+        store_steps(s->ddelta + k.off, dd, L, l0, T, lanes);
+    }
+    for (int64_t w = 0; w < lanes; w++)
+        for (int64_t n = 0; n < N; n++) s->dA[(b * s->dim + d0 + w) * N + n] = dA[n][w];
+}
+
+/* Number of forward work units: blocks of up to W channels of one group of one batch element. */
 int64_t mambair_scan_units(const scan_args *s) {
     return s->batch * s->groups * ((s->dim / s->groups + W - 1) / W);
 }
 
-/* Runs work units [begin, end); disjoint ranges may run on different threads at once. */
+/* Runs forward work units [begin, end); disjoint ranges may run on different threads at once. */
 void mambair_scan_forward(const scan_args *s, int64_t begin, int64_t end) {
     const int64_t H = s->dim / s->groups, per = (H + W - 1) / W;
     for (int64_t unit = begin; unit < end; unit++) {
         const int64_t blk = unit % per, g = (unit / per) % s->groups, b = unit / per / s->groups;
         const int64_t d0 = g * H + blk * W, lanes = H - blk * W < W ? H - blk * W : W;
         switch (s->n) { /* constant N: the states stay in registers (MambaIR: 16; light SR: 10) */
-        case 16: scan_block(16, s, b, g, d0, lanes); break;
-        case 10: scan_block(10, s, b, g, d0, lanes); break;
-        default: scan_block(s->n, s, b, g, d0, lanes);
+        case 16: forward_block(16, s, b, g, d0, lanes); break;
+        case 10: forward_block(10, s, b, g, d0, lanes); break;
+        default: forward_block(s->n, s, b, g, d0, lanes);
         }
     }
+}
+
+/* Runs backward work units [begin, end) of batch * groups: one (batch element, group) each, so that the
+ * blocks adding into the same dB and dC rows run one after another. Returns 0, or -1 when out of memory. */
+int mambair_scan_backward(const scan_args *s, int64_t begin, int64_t end) {
+    const int64_t H = s->dim / s->groups, N = s->n, tiles = (s->length + TILE - 1) / TILE;
+    vf *starts = aligned_alloc(sizeof(vf), tiles * N * sizeof(vf));
+    vf *as = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf)), *hs = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf));
+    const int ok = starts && as && hs;
+    for (int64_t unit = begin; ok && unit < end; unit++) {
+        const int64_t g = unit % s->groups, b = unit / s->groups;
+        for (int64_t d0 = g * H; d0 < (g + 1) * H; d0 += W) {
+            const int64_t lanes = (g + 1) * H - d0 < W ? (g + 1) * H - d0 : W;
+            switch (N) {
+            case 16: backward_block(16, s, b, g, d0, lanes, starts, as, hs); break;
+            case 10: backward_block(10, s, b, g, d0, lanes, starts, as, hs); break;
+            default: backward_block(N, s, b, g, d0, lanes, starts, as, hs);
+            }
+        }
+    }
+    free(starts);
+    free(as);
+    free(hs);
+    return ok ? 0 : -1;
 }

@@ -11,8 +11,8 @@ group of channel d (MambaIR scans its 4 directions as G = 4 groups in one call).
 Backends behind :func:`selective_scan` (argument, :func:`scan_backend`, or ``MAMBAIR_SCAN``):
 
 - ``cuda``: ``mamba_ssm``'s kernel, imported lazily the first time CUDA tensors are scanned.
-- ``compiled``: our C kernel for CPU inference (:mod:`.compiled_scan`, built on first use with the
-  system's C compiler); calls that need gradients, and float64 calls, run the ``torch`` backend.
+- ``compiled``: our C kernel for CPU tensors, forward and backward (:mod:`.compiled_scan`, built on
+  first use with the system's C compiler); it computes in float32, so float64 calls run ``torch``.
 - ``torch``: a chunked scan in pure PyTorch with its own backward, on any device;
   float32 results agree with a float64 evaluation to ~1e-6 relative, also for long sequences.
 - ``reference``: a plain sequential loop with autograd through it; slow, for tests only.
@@ -670,13 +670,25 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 def _scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False) -> ScanOut:
-    """The ``compiled`` backend (shapes as :func:`selective_scan`): the C kernel for float32 (and half)
-    inference, the ``torch`` backend where autograd needs a graph or the computation is float64."""
+    """The ``compiled`` backend (shapes as :func:`selective_scan`): the C kernel, computing in float32;
+    float64 calls run the ``torch`` backend."""
     _check_shapes(u, delta, A, B, C)
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
-    if _compute_dtype(u.dtype) == torch.float64 or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    if _compute_dtype(u.dtype) == torch.float64:
         return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    y, last = compiled_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)
-    out = _finish(y, u, None, z, u.dtype, inplace=True)
+    out_dtype, f32 = u.dtype, torch.float32
+
+    def graph(*tensors: Tensor | None) -> bool:
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+    if graph(u, delta, A, B, C, delta_bias):
+        u = u.to(f32)
+        y, last = compiled_scan.scan_autograd(u, delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
+                                              None if delta_bias is None else delta_bias.to(f32), delta_softplus)
+        out = _finish(y, u, D, z, out_dtype)
+    elif graph(D, z):  # D and the gate with autograd, the scan without
+        y, last = compiled_scan.scan_forward(u, delta, A, B, C, None, delta_bias, delta_softplus, return_last_state)
+        out = _finish(y, u, D, z, out_dtype)
+    else:  # inference: D inside the kernel, the gate in place
+        y, last = compiled_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)
+        out = _finish(y, u, None, z, out_dtype, inplace=True)
     return (out, last) if return_last_state else out
