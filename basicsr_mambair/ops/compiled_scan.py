@@ -16,6 +16,7 @@ float64.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -35,8 +36,8 @@ __all__ = ['KernelUnavailable', 'load', 'scan_forward', 'scan_autograd', 'cache_
 
 SOURCE = Path(__file__).with_name('scan_kernel.c')
 LOG2E = math.log2(math.e)
-# Units (blocks of 16 channels over all L steps) below which one thread does all the work: the pool's
-# hand-off (~0.1 ms) would cost more than it saves.
+# (batch, dim, L, N) elements per thread at least: below, the pool's hand-off (~0.1 ms) costs more than
+# it saves.
 MIN_PARALLEL_ELEMS = 1 << 18
 
 
@@ -126,8 +127,9 @@ def _build() -> Path:
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
-    """The kernel on a small case with every feature (partial channel blocks, a partial tile, generic N,
-    softplus, bias, D, last state, shared and grouped B/C) against the float64 reference."""
+    """The kernel on small cases with every feature (partial channel blocks, a partial tile, generic N,
+    softplus, bias, D, last state, shared and grouped B/C), forward and backward, against the float64
+    reference: a compiler that miscompiles it is caught here, not in a user's results."""
     from .selective_scan import selective_scan_reference
 
     g = torch.Generator().manual_seed(0)
@@ -138,13 +140,20 @@ def _self_check(lib: ctypes.CDLL) -> None:
         B = torch.randn(batch, *((b_groups,) if b_groups else ()), n, length, generator=g)
         C = torch.randn(batch, 2, n, length, generator=g)
         D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
-        y, last = _run(lib, u, delta, A, B, C, D, bias, True, True)
-        y64, last64 = selective_scan_reference(u.double(), delta.double(), A.double(), B.double(), C.double(),
-                                               D.double(), None, bias.double(), True, True)
-        for got, want in ((y, y64), (last, last64)):
+        dy = torch.randn(batch, dim, length, generator=g)
+        y, last = _Call(lib, u, delta, A, B, C, D, bias, True).forward(True)
+        grads = _Call(lib, u, delta, A, B, C, None, bias, True).backward(dy, last)
+        grads = (*grads[:3], *(d.sum(1) if t.dim() == 3 else d for d, t in ((grads[3], B), (grads[4], C))))
+        leaves = [t.double().requires_grad_() for t in (u, delta, A, B, C)]
+        y64, last64 = selective_scan_reference(*leaves, None, None, bias.double(), True, True)
+        grads64 = torch.autograd.grad((y64 * dy.double()).sum() + (last64 * last.double()).sum(), leaves)
+        y64 = y64.detach() + D.double()[:, None] * u.double()
+        for name, got, want in (('y', y, y64), ('last state', last, last64), *zip('u delta A B C'.split(), grads,
+                                                                                  grads64)):
             err = ((got.double() - want).abs().max() / want.abs().max()).item()
             if not err < 1e-5:
-                raise KernelUnavailable(f'built kernel disagrees with the reference (relative error {err:.1e})')
+                raise KernelUnavailable(f'built kernel disagrees with the reference ({name}: relative error '
+                                        f'{err:.1e})')
 
 
 def load() -> ctypes.CDLL:
@@ -153,12 +162,16 @@ def load() -> ctypes.CDLL:
     if _lib is None and _error is None:
         try:
             lib = ctypes.CDLL(str(_build()))
-            lib.mambair_scan_forward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
+            counter = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]  # work-unit counter, unit count
+            lib.mambair_scan_forward.argtypes = [ctypes.POINTER(_Args), *counter]
             lib.mambair_scan_forward.restype = None
             lib.mambair_scan_units.argtypes = [ctypes.POINTER(_Args)]
             lib.mambair_scan_units.restype = ctypes.c_int64
-            lib.mambair_scan_backward.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
+            lib.mambair_scan_backward.argtypes = [ctypes.POINTER(_Args), *counter]
             lib.mambair_scan_backward.restype = ctypes.c_int
+            lib.mambair_step_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                               *counter]
+            lib.mambair_step_major.restype = None
             _self_check(lib)
             _lib = lib
         except KernelUnavailable as exc:
@@ -176,36 +189,54 @@ def _reset() -> None:
     _lib = _error = None
 
 
-def _step_major(t: Tensor, length: int) -> Tuple[Tensor, int, int]:
-    """B or C, (batch, N, L) or (batch, G, N, L), as contiguous float32 (..., L, N); batch and group strides."""
-    tm = t.float().transpose(-1, -2).contiguous()
-    n = tm.shape[-1]
-    return (tm, length * n, 0) if t.dim() == 3 else (tm, tm.shape[1] * length * n, length * n)
-
-
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _parallel(fn: Callable, count: int, *args: object, elems: int) -> list:
+    """fn(*args, counter, count) on torch's intra-op thread count, each thread taking work units from the
+    shared counter; at most one thread per MIN_PARALLEL_ELEMS of ``elems``. Returns each call's result."""
+    global _pool, _pool_size
+    counter = ctypes.c_int64(0)
+    call = functools.partial(fn, *args, ctypes.byref(counter), count)
+    workers = min(torch.get_num_threads(), count, max(1, elems // MIN_PARALLEL_ELEMS))
+    if workers <= 1:
+        return [call()]
+    if _pool is None or _pool_size != workers - 1:
+        _pool, _pool_size = ThreadPoolExecutor(workers - 1, thread_name_prefix='mambair-scan'), workers - 1
+    jobs = [_pool.submit(call) for _ in range(workers - 1)]
+    return [call()] + [job.result() for job in jobs]  # the calling thread works too
 
 
 class _Call:
     """The inputs in the kernel's layout (float32, contiguous, B and C step-major) and the argument struct
     pointing at them; the tensors live as long as this object."""
 
-    def __init__(self, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                 bias: Tensor | None, softplus: bool):
-        self.shape = u.shape
+    def __init__(self, lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Tensor | None, bias: Tensor | None, softplus: bool):
+        self.lib, self.shape = lib, u.shape
         batch, dim, length = u.shape
         self.n = A.shape[1]
+        self.elems = batch * dim * length * self.n
         self.groups = max(t.shape[1] if t.dim() == 4 else 1 for t in (B, C))
         self.u, self.delta = u.float().contiguous(), delta.float().contiguous()
         self.A = A.float().contiguous()
         self.A2 = self.A * LOG2E
-        (self.B, b_batch, b_group), (self.C, c_batch, c_group) = _step_major(B, length), _step_major(C, length)
+        (self.B, b_batch, b_group), (self.C, c_batch, c_group) = self._step_major(B), self._step_major(C)
         self.D = None if D is None else D.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
         self.args = _Args(_ptr(self.u), _ptr(self.delta), _ptr(self.A2), _ptr(self.B), _ptr(self.C), _ptr(self.D),
                           _ptr(self.bias), None, None, batch, dim, self.groups, self.n, length, b_batch, b_group,
                           c_batch, c_group, int(softplus), _ptr(self.A))
+
+    def _step_major(self, t: Tensor) -> Tuple[Tensor, int, int]:
+        """B or C, (batch, N, L) or (batch, G, N, L), as float32 (..., L, N); its batch and group strides."""
+        src = t.float().contiguous()
+        n, length = src.shape[-2:]
+        dst = torch.empty(*src.shape[:-2], length, n)
+        rows = src.numel() // (n * length)
+        _parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, elems=self.elems)
+        return (dst, length * n, 0) if t.dim() == 3 else (dst, dst.shape[1] * length * n, length * n)
 
     def set(self, **tensors: Tensor | None) -> None:
         """Point the struct's output / gradient fields at ``tensors`` (kept alive here)."""
@@ -213,47 +244,35 @@ class _Call:
             setattr(self, f'_{name}', t)
             setattr(self.args, name, _ptr(t))
 
-    def run(self, fn: Callable, units: int) -> None:
-        """fn(args, begin, end) over work units [0, units), split over torch's intra-op thread count."""
-        global _pool, _pool_size
-        batch, dim, length = self.shape
-        workers = min(torch.get_num_threads(), units, max(1, batch * dim * length * self.n // MIN_PARALLEL_ELEMS))
-        if workers <= 1:
-            results = [fn(ctypes.byref(self.args), 0, units)]
-        else:
-            if _pool is None or _pool_size != workers:
-                _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix='mambair-scan'), workers
-            bounds = [units * i // workers for i in range(workers + 1)]
-            jobs = [_pool.submit(fn, ctypes.byref(self.args), lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-            results = [job.result() for job in jobs]
-        if any(r not in (None, 0) for r in results):
-            raise MemoryError('selective scan backward: out of memory for its per-thread buffers')
-
-    def forward(self, lib: ctypes.CDLL, last_state: bool) -> Tuple[Tensor, Tensor | None]:
+    def forward(self, last_state: bool) -> Tuple[Tensor, Tensor | None]:
         batch, dim, _ = self.shape
         y = torch.empty_like(self.u)
         last = self.u.new_empty(batch, dim, self.n) if last_state else None
         self.set(y=y, last=last)
-        self.run(lib.mambair_scan_forward, lib.mambair_scan_units(ctypes.byref(self.args)))
+        units = self.lib.mambair_scan_units(ctypes.byref(self.args))
+        _parallel(self.lib.mambair_scan_forward, units, ctypes.byref(self.args), elems=self.elems)
         return y, last
 
-    def backward(self, lib: ctypes.CDLL, dy: Tensor, dlast: Tensor | None) -> Tuple[Tensor, ...]:
+    def backward(self, dy: Tensor, dlast: Tensor | None) -> Tuple[Tensor, ...]:
         """du, ddelta (w.r.t. delta before bias and softplus), dA (dim, N), and dB, dC as
         (batch, G, N, L) for all G groups of channels (the caller sums over G where B or C is shared)."""
         batch, dim, length = self.shape
         grads = {'du': torch.empty_like(self.u), 'ddelta': torch.empty_like(self.u),
                  'dA': self.u.new_empty(batch, dim, self.n),
-                 'dB': self.u.new_zeros(batch, self.groups, length, self.n),
-                 'dC': self.u.new_zeros(batch, self.groups, length, self.n)}
+                 'dB': self.u.new_empty(batch, self.groups, length, self.n),
+                 'dC': self.u.new_empty(batch, self.groups, length, self.n)}
         self.set(dy=dy.float().contiguous(), dlast=None if dlast is None else dlast.float().contiguous(), **grads)
-        self.run(lib.mambair_scan_backward, batch * self.groups)
+        status = _parallel(self.lib.mambair_scan_backward, batch * self.groups, ctypes.byref(self.args),
+                           elems=self.elems)
+        if any(status):
+            raise MemoryError('selective scan backward: no memory for its per-thread buffers')
         return (grads['du'], grads['ddelta'], grads['dA'].sum(0), grads['dB'].transpose(-1, -2),
                 grads['dC'].transpose(-1, -2))
 
 
 def _run(lib: ctypes.CDLL, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
          delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool) -> Tuple[Tensor, Tensor | None]:
-    return _Call(u, delta, A, B, C, D, delta_bias, delta_softplus).forward(lib, return_last_state)
+    return _Call(lib, u, delta, A, B, C, D, delta_bias, delta_softplus).forward(return_last_state)
 
 
 class _CompiledScan(torch.autograd.Function):
@@ -271,7 +290,7 @@ class _CompiledScan(torch.autograd.Function):
         u, delta, A, B, C, bias = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        du, ddelta, dA, dB, dC = _Call(u, delta, A, B, C, None, bias, ctx.softplus).backward(load(), dy, dlast)
+        du, ddelta, dA, dB, dC = _Call(load(), u, delta, A, B, C, None, bias, ctx.softplus).backward(dy, dlast)
         dB, dC = (dB.sum(1) if B.dim() == 3 else dB), (dC.sum(1) if C.dim() == 3 else dC)
         dbias = None if bias is None else ddelta.sum((0, 2))
         return du, ddelta, dA, dB, dC, dbias, None

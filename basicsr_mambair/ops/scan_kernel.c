@@ -93,8 +93,8 @@ INLINE vf softplus(vf x, vf *slope) {
 
 /* Float32 tensors, contiguous. u, delta, y, dy, du, ddelta: (batch, dim, L); A, A2 = A * log2(e), dA:
  * (dim, N) (dA: (batch, dim, N), summed over the batch by the caller); B, C step-major (batch, G or 1, L, N)
- * with the given batch and group strides (group stride 0 when shared); dB, dC: (batch, G, L, N) step-major,
- * zero-filled by the caller; D, bias: (dim,) or NULL; last, dlast: (batch, dim, N) or NULL. The forward
+ * with the given batch and group strides (group stride 0 when shared); dB, dC: (batch, G, L, N) step-major
+ * (for every channel group, also where B or C is shared); D, bias: (dim,) or NULL; last, dlast: (batch, dim, N) or NULL. The forward
  * uses the first block of fields, the backward all but D, y and last. Keep in sync with compiled_scan.py. */
 typedef struct {
     const float *u, *delta, *A2, *B, *C, *D, *bias;
@@ -299,15 +299,20 @@ INLINE void backward_block(const int64_t N, const scan_args *s, int64_t b, int64
         for (int64_t n = 0; n < N; n++) s->dA[(b * s->dim + d0 + w) * N + n] = dA[n][w];
 }
 
+/* Work is handed out in units taken from a shared counter (*next, atomically incremented) until
+ * `count` are taken: every calling thread runs this same loop, so a thread slowed down (say, by
+ * another library's idle threads still spinning on its core) simply takes fewer units. */
+#define FOR_EACH_UNIT(unit, next, count) \
+    for (int64_t unit; (unit = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < (count);)
+
 /* Number of forward work units: blocks of up to W channels of one group of one batch element. */
 int64_t mambair_scan_units(const scan_args *s) {
     return s->batch * s->groups * ((s->dim / s->groups + W - 1) / W);
 }
 
-/* Runs forward work units [begin, end); disjoint ranges may run on different threads at once. */
-void mambair_scan_forward(const scan_args *s, int64_t begin, int64_t end) {
+void mambair_scan_forward(const scan_args *s, int64_t *next, int64_t count) {
     const int64_t H = s->dim / s->groups, per = (H + W - 1) / W;
-    for (int64_t unit = begin; unit < end; unit++) {
+    FOR_EACH_UNIT(unit, next, count) {
         const int64_t blk = unit % per, g = (unit / per) % s->groups, b = unit / per / s->groups;
         const int64_t d0 = g * H + blk * W, lanes = H - blk * W < W ? H - blk * W : W;
         switch (s->n) { /* constant N: the states stay in registers (MambaIR: 16; light SR: 10) */
@@ -318,21 +323,25 @@ void mambair_scan_forward(const scan_args *s, int64_t begin, int64_t end) {
     }
 }
 
-/* Runs backward work units [begin, end) of batch * groups: one (batch element, group) each, so that the
- * blocks adding into the same dB and dC rows run one after another. Returns 0, or -1 when out of memory. */
-int mambair_scan_backward(const scan_args *s, int64_t begin, int64_t end) {
+/* Backward work units: the batch * groups (batch element, group) pairs, so that the blocks adding into
+ * the same dB and dC rows run one after another. Returns 0, or -1 when out of memory. */
+int mambair_scan_backward(const scan_args *s, int64_t *next, int64_t count) {
     const int64_t H = s->dim / s->groups, N = s->n, tiles = (s->length + TILE - 1) / TILE;
     vf *starts = aligned_alloc(sizeof(vf), tiles * N * sizeof(vf));
     vf *as = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf)), *hs = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf));
     const int ok = starts && as && hs;
-    for (int64_t unit = begin; ok && unit < end; unit++) {
-        const int64_t g = unit % s->groups, b = unit / s->groups;
-        for (int64_t d0 = g * H; d0 < (g + 1) * H; d0 += W) {
-            const int64_t lanes = (g + 1) * H - d0 < W ? (g + 1) * H - d0 : W;
-            switch (N) {
-            case 16: backward_block(16, s, b, g, d0, lanes, starts, as, hs); break;
-            case 10: backward_block(10, s, b, g, d0, lanes, starts, as, hs); break;
-            default: backward_block(N, s, b, g, d0, lanes, starts, as, hs);
+    if (ok) {
+        FOR_EACH_UNIT(unit, next, count) {
+            const int64_t g = unit % s->groups, b = unit / s->groups;
+            memset(s->dB + unit * s->length * N, 0, s->length * N * sizeof(float));
+            memset(s->dC + unit * s->length * N, 0, s->length * N * sizeof(float));
+            for (int64_t d0 = g * H; d0 < (g + 1) * H; d0 += W) {
+                const int64_t lanes = (g + 1) * H - d0 < W ? (g + 1) * H - d0 : W;
+                switch (N) {
+                case 16: backward_block(16, s, b, g, d0, lanes, starts, as, hs); break;
+                case 10: backward_block(10, s, b, g, d0, lanes, starts, as, hs); break;
+                default: backward_block(N, s, b, g, d0, lanes, starts, as, hs);
+                }
             }
         }
     }
@@ -340,4 +349,17 @@ int mambair_scan_backward(const scan_args *s, int64_t begin, int64_t end) {
     free(as);
     free(hs);
     return ok ? 0 : -1;
+}
+
+/* (rows, N, L) -> (rows, L, N), one row per work unit: B and C in the step-major order the scan reads
+ * (done here rather than with PyTorch, whose parallel copy would leave its idle threads spinning on the
+ * cores this kernel's threads are about to use). */
+void mambair_step_major(const float *src, float *dst, int64_t N, int64_t L, int64_t *next, int64_t count) {
+    FOR_EACH_UNIT(row, next, count) {
+        const float *in = src + row * N * L;
+        float *out = dst + row * L * N;
+        for (int64_t l0 = 0; l0 < L; l0 += TILE)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t l = l0; l < l0 + TILE && l < L; l++) out[l * N + n] = in[n * L + l];
+    }
 }
