@@ -398,3 +398,17 @@ def test_realistic_mambair_inputs_at_full_length():
         y64 = scan({k: (None if v is None else v.double()) for k, v in t.items()}, 'reference', use_z=False,
                    last_state=False)[0]
     assert_close(y, y64)
+
+
+@pytest.mark.parametrize('context', [torch.no_grad, torch.inference_mode])
+def test_first_scan_under_no_grad_or_inference_mode_builds_the_kernel(context, monkeypatch):
+    """The self-check needs autograd; the first scan of a process is usually a model's inference."""
+    monkeypatch.delenv(ss.ENV_VAR, raising=False)
+    compiled_scan._reset()
+    ss._reset_state()
+    t = inputs(length=20)
+    with context():
+        y = scan(t, None)[0]
+    assert compiled_scan._error is None and ss.get_backend('cpu') == 'compiled'
+    with torch.no_grad():
+        torch.testing.assert_close(y, scan(t, 'torch')[0], rtol=1e-5, atol=1e-5)

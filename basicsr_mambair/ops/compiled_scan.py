@@ -132,6 +132,11 @@ def _self_check(lib: ctypes.CDLL) -> None:
     reference: a compiler that miscompiles it is caught here, not in a user's results."""
     from .selective_scan import selective_scan_reference
 
+    with torch.inference_mode(False), torch.enable_grad():  # the first scan may come from inference code
+        _compare_with_reference(lib, selective_scan_reference)
+
+
+def _compare_with_reference(lib: ctypes.CDLL, selective_scan_reference: Callable) -> None:
     g = torch.Generator().manual_seed(0)
     batch, dim, length = 2, 40, 70
     for n, b_groups in ((16, 2), (3, 0)):
