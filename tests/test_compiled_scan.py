@@ -359,6 +359,16 @@ def test_failing_compiler_is_reported_in_one_line(no_compiler, monkeypatch, tmp_
     assert not list((tmp_path / 'cache').glob('*'))  # no half-written library left in the cache
 
 
+def test_unwritable_cache_folder_falls_back_to_the_temp_folder(monkeypatch, tmp_path):
+    not_a_folder = tmp_path / 'file'
+    not_a_folder.write_text('')
+    monkeypatch.setenv('MAMBAIR_CACHE_DIR', str(not_a_folder))
+    monkeypatch.setattr(compiled_scan.tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    compiled_scan._reset()
+    compiled_scan.load()
+    assert list((tmp_path / 'tmp').glob('basicsr_mambair-*/scan_kernel-*'))
+
+
 def test_kernel_disagreeing_with_the_reference_is_not_used(monkeypatch):
     """The self-check that guards against a miscompiled kernel: with a wrong 'reference' it must refuse."""
     compiled_scan._reset()

@@ -1,4 +1,4 @@
-"""The ``compiled`` selective scan: a C kernel for CPU inference, built on first use.
+"""The ``compiled`` selective scan: a C kernel for CPU tensors (forward and backward), built on first use.
 
 ``scan_kernel.c`` is compiled with the system's C compiler (``$CC``, else cc / gcc / clang) into a
 shared library cached under ``$MAMBAIR_CACHE_DIR`` (default ``~/.cache/basicsr_mambair``), keyed by the
@@ -95,14 +95,16 @@ def _build() -> Path:
     # library built for one CPU to another. No -ffast-math: inf and NaN must behave as in PyTorch.
     attempts = ([['-march=native']] if cpu else []) + [[]]
     source = SOURCE.read_bytes()
-    folder = cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder)
-        probe.close()
-    except OSError:
-        folder = Path(tempfile.gettempdir()) / f'basicsr_mambair-{os.getuid() if hasattr(os, "getuid") else 0}'
-        folder.mkdir(parents=True, exist_ok=True)
+    user = os.getuid() if hasattr(os, 'getuid') else 0
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f'basicsr_mambair-{user}'):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.NamedTemporaryFile(dir=folder).close()  # writable?
+            break
+        except OSError as exc:
+            problem = exc
+    else:
+        raise KernelUnavailable(f'no writable folder for the built kernel (set MAMBAIR_CACHE_DIR): {problem}')
     errors = []
     for extra in attempts:
         flags = ['-O3', '-std=gnu11', '-fPIC', '-shared', *extra]
@@ -122,7 +124,8 @@ def _build() -> Path:
             os.replace(tmp, target)
             return target
         tmp.unlink(missing_ok=True)
-        errors.append((proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}'])[0])
+        lines = proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}']
+        errors.append(next((ln for ln in lines if 'error' in ln.lower()), lines[0]))
     raise KernelUnavailable(f'{cc} could not build {SOURCE.name}: {errors[-1]}')
 
 
