@@ -116,9 +116,9 @@ def scan_with_grads(fn, inputs, use_d=True, use_z=True, use_bias=True, softplus=
            delta_softplus=softplus, return_last_state=last_state, **kw)
     y, last = y if last_state else (y, None)
     g = torch.Generator().manual_seed(seed)
-    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum()
+    loss = (y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device)).sum()
     if last is not None:
-        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64)).sum()
+        loss = loss + (last.double() * torch.randn(last.shape, generator=g, dtype=torch.float64).to(y.device)).sum()
     skipped = {k for k, used in (('D', use_d), ('z', use_z), ('delta_bias', use_bias)) if not used}
     used = [k for k in SCAN_GRAD_NAMES if k not in skipped]
     grads = torch.autograd.grad(loss, [leaves[k] for k in used])

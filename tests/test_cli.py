@@ -204,7 +204,9 @@ def test_ddp_on_cpu_with_torchrun(tmp_path, sr_data):
                              sr_train_options('ddp', hr, lr, TINY_NETWORK, total_iter=6, save_freq=6, val_freq=6))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
            str(REPO / 'basicsr_mambair' / 'train.py'), '-opt', str(opt_file), '--launcher', 'pytorch']
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    # on the CPU (gloo) also where a GPU is present: two processes cannot share one GPU under nccl
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(CUDA_VISIBLE_DEVICES=''), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     exp = tmp_path / 'experiments' / 'ddp'
     log = next(exp.glob('train_ddp_*.log')).read_text()
