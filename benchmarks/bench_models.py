@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES))
     parser.add_argument('--threads', nargs='+', type=int, default=[1, 2])
+    parser.add_argument('--backends', nargs='+', choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument('--repeats', type=int, default=5, help='timed forwards of the fast scan (median)')
     parser.add_argument('--reference-repeats', type=int, default=1,
                         help='timed forwards of the reference scan (slow: minutes at 256x256)')
@@ -115,7 +116,7 @@ def main() -> None:
         print(json.dumps(measure(case, backend, threads, repeats, warmup)))
         return
 
-    backends = BACKENDS
+    backends = args.backends
     machine = machine_info()
     print(f"machine: {machine['cpu']} ({machine['logical_cores']} logical cores); "
           f"python {machine['python']}, torch {machine['torch']}; load average {machine['load_average']}")
@@ -146,7 +147,7 @@ def main() -> None:
                 r = by_key[(case, threads, backend)]
                 cells += (['error', '-'] if 'error' in r else
                           [f"{r['median_s']:.3f}", f"{r['peak_rss_mib']:.0f} / {r['growth_mib']:.0f}"])
-            ref = by_key[(case, threads, 'reference')]
+            ref = by_key.get((case, threads, 'reference'), {'error': 'not run'})
             for backend in fast_backends:
                 fast = by_key[(case, threads, backend)]
                 ok = 'error' not in fast and 'error' not in ref

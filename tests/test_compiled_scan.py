@@ -108,6 +108,29 @@ def test_b_c_layouts_and_channel_blocks(layout, dim):
     check(inputs(dim=dim, b_groups=b_groups, c_groups=c_groups, length=130, seed=dim))
 
 
+@pytest.mark.parametrize('layout', ['projection slices', 'step-major storage', 'batch-expanded', 'batch 2 of 3'])
+def test_strided_b_and_c_are_read_in_place(layout):
+    """B and C as MambaIR passes them (slices of one (batch, G, R + 2N, L) projection) and other strided
+    forms: the kernel reads them through their strides; each agrees with the float64 reference."""
+    batch, groups, n, length = 2, 4, 16, 70
+    t = inputs(batch=batch, length=length, seed=21)
+    g = torch.Generator().manual_seed(22)
+    if layout == 'projection slices':
+        proj = torch.randn(batch, groups, 3 + 2 * n, length, generator=g)
+        t['B'], t['C'] = proj[:, :, 3:3 + n], proj[:, :, 3 + n:]
+    elif layout == 'step-major storage':
+        t['B'] = torch.randn(batch, groups, length, n, generator=g).transpose(-1, -2)
+        t['C'] = torch.randn(batch, length, n, generator=g).transpose(-1, -2)
+    elif layout == 'batch-expanded':
+        t['B'] = torch.randn(1, groups, n, length, generator=g).expand(batch, -1, -1, -1)
+        t['C'] = torch.randn(1, n, length, generator=g).expand(batch, -1, -1)
+    else:  # rows not evenly spaced: batch elements 0 and 2 of 3
+        t['B'] = torch.randn(3, groups, n, length, generator=g)[::2]
+        t['C'] = torch.randn(3, groups, n, length, generator=g)[::2]
+    assert not t['B'].is_contiguous()
+    check(t)
+
+
 @pytest.mark.parametrize('options', [
     dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
     dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call

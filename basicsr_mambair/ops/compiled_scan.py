@@ -177,8 +177,7 @@ def load() -> ctypes.CDLL:
             lib.mambair_scan_units.restype = ctypes.c_int64
             lib.mambair_scan_backward.argtypes = [ctypes.POINTER(_Args), *counter]
             lib.mambair_scan_backward.restype = ctypes.c_int
-            lib.mambair_step_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                               *counter]
+            lib.mambair_step_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, *counter]
             lib.mambair_step_major.restype = None
             _self_check(lib)
             _lib = lib
@@ -238,12 +237,20 @@ class _Call:
                           c_batch, c_group, int(softplus), _ptr(self.A))
 
     def _step_major(self, t: Tensor) -> Tuple[Tensor, int, int]:
-        """B or C, (batch, N, L) or (batch, G, N, L), as float32 (..., L, N); its batch and group strides."""
-        src = t.float().contiguous()
+        """B or C, (batch, N, L) or (batch, G, N, L), as float32 (..., L, N); its batch and group strides.
+
+        Read in place through its strides where its rows (batch x group) are evenly spaced, as MambaIR's
+        slices of one projection are; anything else is made contiguous first."""
+        src = t if t.dtype == torch.float32 else t.float()
+        rows_even = src.dim() == 3 or src.shape[0] == 1 or src.stride(0) == src.shape[1] * src.stride(1)
+        if not rows_even:
+            src = src.contiguous()
         n, length = src.shape[-2:]
         dst = torch.empty(*src.shape[:-2], length, n)
         rows = src.numel() // (n * length)
-        _parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, elems=self.elems)
+        row_stride = src.stride(0) if src.dim() == 3 else src.stride(1)
+        _parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, row_stride,
+                  src.stride(-2), src.stride(-1), elems=self.elems)
         return (dst, length * n, 0) if t.dim() == 3 else (dst, dst.shape[1] * length * n, length * n)
 
     def set(self, **tensors: Tensor | None) -> None:

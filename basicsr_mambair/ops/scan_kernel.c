@@ -351,15 +351,17 @@ int mambair_scan_backward(const scan_args *s, int64_t *next, int64_t count) {
     return ok ? 0 : -1;
 }
 
-/* (rows, N, L) -> (rows, L, N), one row per work unit: B and C in the step-major order the scan reads
- * (done here rather than with PyTorch, whose parallel copy would leave its idle threads spinning on the
- * cores this kernel's threads are about to use). */
-void mambair_step_major(const float *src, float *dst, int64_t N, int64_t L, int64_t *next, int64_t count) {
+/* (rows, N, L) -> (rows, L, N), one row per work unit: B and C in the step-major order the scan reads.
+ * The source is read through its element strides (MambaIR's B and C are slices of one projection), and
+ * the reordering is done here rather than with PyTorch, whose parallel copy would leave its idle threads
+ * spinning on the cores this kernel's threads are about to use. */
+void mambair_step_major(const float *src, float *dst, int64_t N, int64_t L, int64_t row_stride, int64_t n_stride,
+                        int64_t l_stride, int64_t *next, int64_t count) {
     FOR_EACH_UNIT(row, next, count) {
-        const float *in = src + row * N * L;
+        const float *in = src + row * row_stride;
         float *out = dst + row * L * N;
         for (int64_t l0 = 0; l0 < L; l0 += TILE)
             for (int64_t n = 0; n < N; n++)
-                for (int64_t l = l0; l < l0 + TILE && l < L; l++) out[l * N + n] = in[n * L + l];
+                for (int64_t l = l0; l < l0 + TILE && l < L; l++) out[l * N + n] = in[n * n_stride + l * l_stride];
     }
 }
