@@ -1,5 +1,5 @@
-/* Selective scan forward on the CPU, compiled on first use by compiled_scan.py (no Python headers, no
- * libraries: loaded with ctypes, so any C compiler that knows GCC vector extensions builds it).
+/* Selective scan on the CPU, forward and backward, compiled on first use by compiled_scan.py (no Python
+ * headers, no libraries: loaded with ctypes, so any C compiler that knows GCC vector extensions builds it).
  *
  * Why C: a scan made of PyTorch ops pays one pass over memory per op on (batch, dim, L, N) values; here
  * the state of W channels x N stays in registers and exp is evaluated in-line, so the whole scan costs
