@@ -104,6 +104,13 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: float = 600, check: boo
 # selective scan checks (test_selective_scan.py, test_compiled_scan.py)
 # ------------------------------------------------------------------------------------------------
 SCAN_GRAD_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
+# the optional parts of a scan call, each combination a test case (pytest.param with an id)
+SCAN_OPTION_CASES = [
+    pytest.param(dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False), id='bare'),
+    pytest.param(dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False), id='mambair'),
+    pytest.param(dict(use_d=False, use_z=True, use_bias=False, softplus=True, last_state=True), id='z+last'),
+    pytest.param(dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True), id='all-no-softplus'),
+]
 
 
 def scan_with_grads(fn, inputs, use_d=True, use_z=True, use_bias=True, softplus=True, last_state=True, seed=1,

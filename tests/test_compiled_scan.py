@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, scan_with_grads
+from conftest import SCAN_OPTION_CASES, assert_close, scan_with_grads
 
 from basicsr_mambair.ops import compiled_scan, selective_scan, selective_scan_reference
 
@@ -131,12 +131,7 @@ def test_strided_b_and_c_are_read_in_place(layout):
     check(t)
 
 
-@pytest.mark.parametrize('options', [
-    dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
-    dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call
-    dict(use_d=False, use_z=True, use_bias=False, softplus=True, last_state=True),
-    dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True),
-], ids=['bare', 'mambair', 'z+last', 'all-no-softplus'])
+@pytest.mark.parametrize('options', SCAN_OPTION_CASES)
 def test_options_match_float64_reference(options):
     t = inputs(length=301, dt_scale=0.5, seed=3)
     if not options['softplus']:  # delta must be a positive step without softplus
@@ -223,11 +218,7 @@ def test_gradients_for_every_b_c_layout(layout):
     check_grads(inputs(dim=96, b_groups=layout[0], c_groups=layout[1], length=70, seed=4))
 
 
-@pytest.mark.parametrize('options', [
-    dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
-    dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call
-    dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True),
-], ids=['bare', 'mambair', 'all-no-softplus'])
+@pytest.mark.parametrize('options', SCAN_OPTION_CASES)
 def test_gradients_with_options(options):
     t = inputs(length=129, dt_scale=0.5, seed=12)
     if not options['softplus']:
@@ -256,21 +247,6 @@ def test_gradient_from_the_last_state_only():
         assert_close(g, g64, name=name)
 
 
-def test_backward_threads_change_no_bit(monkeypatch):
-    monkeypatch.setattr(compiled_scan, 'MIN_PARALLEL_ELEMS', 1)
-    t = inputs(batch=3, dim=96, length=200, seed=14)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(scan_with_grads(lambda *a, **k: selective_scan(*a, backend='compiled', **k), t)[2])
-    finally:
-        torch.set_num_threads(threads)
-    for grads in results[1:]:
-        assert all(torch.equal(grads[k], results[0][k]) for k in grads)
-
-
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_half_inputs_are_computed_in_float32(dtype):
     """Inference: the values of the float32 computation, rounded. Training: gradients in the input dtype,
@@ -290,6 +266,7 @@ def test_half_inputs_are_computed_in_float32(dtype):
 
 
 def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
+    """Forward and backward on 1, 2 and 3 threads: outputs and gradients identical to the last bit."""
     monkeypatch.setattr(compiled_scan, 'MIN_PARALLEL_ELEMS', 1)
     t = inputs(batch=3, dim=96, length=200, seed=11)
     threads = torch.get_num_threads()
@@ -297,12 +274,13 @@ def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
+            y, last, grads = scan_with_grads(lambda *a, **k: selective_scan(*a, backend='compiled', **k), t)
             with torch.no_grad():
-                results.append(scan(t, 'compiled'))
+                results.append((*scan(t, 'compiled'), y, last, *grads.values()))
     finally:
         torch.set_num_threads(threads)
-    for y, last in results[1:]:
-        assert torch.equal(y, results[0][0]) and torch.equal(last, results[0][1])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, results[0]))
 
 
 # ------------------------------------------------------------------------------------------------

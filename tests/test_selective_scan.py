@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SCAN_GRAD_NAMES as GRAD_NAMES
-from conftest import assert_close
+from conftest import SCAN_OPTION_CASES, assert_close
 from conftest import scan_with_grads as run
 
 from basicsr_mambair.ops import get_backend, scan_backend, selective_scan, selective_scan_reference
@@ -66,12 +66,7 @@ def test_matches_float64_reference(length, grouped):
     check_against_float64(make_inputs(length=length, grouped=grouped))
 
 
-@pytest.mark.parametrize('options', [
-    dict(use_d=False, use_z=False, use_bias=False, softplus=False, last_state=False),
-    dict(use_d=True, use_z=False, use_bias=True, softplus=True, last_state=False),  # MambaIR's call
-    dict(use_d=False, use_z=True, use_bias=False, softplus=True, last_state=True),
-    dict(use_d=True, use_z=True, use_bias=True, softplus=False, last_state=True),
-], ids=['bare', 'mambair', 'z+last', 'all-no-softplus'])
+@pytest.mark.parametrize('options', SCAN_OPTION_CASES)
 @pytest.mark.parametrize('length', [7, 301])
 def test_options_match_float64_reference(options, length):
     inputs = make_inputs(length=length, dim=12, groups=4, dt_scale=0.5, seed=length)
