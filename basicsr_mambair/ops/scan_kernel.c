@@ -91,11 +91,12 @@ INLINE vf softplus(vf x, vf *slope) {
     return sel(positive, x, splat(0.0f)) + (s + s) * p;
 }
 
-/* Float32 tensors, contiguous. u, delta, y, dy, du, ddelta: (batch, dim, L); A, A2 = A * log2(e), dA:
- * (dim, N) (dA: (batch, dim, N), summed over the batch by the caller); B, C step-major (batch, G or 1, L, N)
- * with the given batch and group strides (group stride 0 when shared); dB, dC: (batch, G, L, N) step-major
- * (for every channel group, also where B or C is shared); D, bias: (dim,) or NULL; last, dlast: (batch, dim, N) or NULL. The forward
- * uses the first block of fields, the backward all but D, y and last. Keep in sync with compiled_scan.py. */
+/* Float32 tensors, contiguous. u, delta, y, dy, du, ddelta: (batch, dim, L); A, A2 = A * log2(e): (dim, N);
+ * dA: (batch, dim, N), summed over the batch by the caller; B, C step-major (batch, G or 1, L, N) with the
+ * given batch and group strides (group stride 0 when shared); dB, dC: (batch, G, L, N) step-major, for every
+ * channel group also where B or C is shared; D, bias: (dim,) or NULL; last, dlast: (batch, dim, N) or NULL.
+ * The forward uses the first block of fields, the backward all but D, y and last. Keep in sync with
+ * compiled_scan.py. */
 typedef struct {
     const float *u, *delta, *A2, *B, *C, *D, *bias;
     float *y, *last;
@@ -156,9 +157,9 @@ INLINE int prepare_tile(const scan_args *s, const block_info *k, int64_t l0, int
     load_steps(x, s->u + k->off, s->length, l0, T, k->lanes);
     vf dlo = splat(__builtin_inff()), dhi = -dlo;
     for (int64_t t = 0; t < T; t++) {
-        vf d = dt[t] + k->bias, one = splat(1.0f);
+        vf d = dt[t] + k->bias;
         if (s->softplus) d = softplus(d, slope ? &slope[t] : 0);
-        else if (slope) slope[t] = one;
+        else if (slope) slope[t] = splat(1.0f);
         d = sel(k->in_block, d, splat(0.0f)); /* padding lanes (never loaded) become exactly 0 */
         dt[t] = d;
         x[t] = sel(k->in_block, d * x[t], splat(0.0f));

@@ -155,8 +155,8 @@ def _resolve(backend: str | None, device: torch.device) -> str:
             _warn_once('compiled-device', f'selective scan backend "compiled" needs CPU tensors (got '
                                           f'{device.type}); falling back to the pure PyTorch scan')
             name = 'torch'
-        elif _compiled_error() is not None:
-            _warn_once('compiled-build', f'selective scan backend "compiled" is unavailable: {_compiled_error()}; '
+        elif (reason := _compiled_error()) is not None:
+            _warn_once('compiled-build', f'selective scan backend "compiled" is unavailable: {reason}; '
                                          'falling back to the pure PyTorch scan')
             name = 'torch'
     if name not in _logged:
@@ -247,6 +247,11 @@ def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bi
     if delta_softplus:
         dt = F.softplus(dt)  # threshold 20, as in mamba_ssm's kernel
     return u.to(cd), dt, A.to(cd), _grouped(B, groups, cd), _grouped(C, groups, cd)
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    """Whether autograd must record an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype,
@@ -653,19 +658,19 @@ def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
     bias = None if delta_bias is None else delta_bias.to(cd)
     batch, dim, length = u.shape
     plan = _Plan(batch, dim, groups, A.shape[1], length, CHUNK_LEN, GROUP_ELEMS)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, bias)):
+    if _needs_graph(u, delta, A, B, C, bias):
         y, last = _ChunkedScan.apply(u, delta, A, B, C, bias, plan, delta_softplus)
         out = _finish(y, u, D, z, out_dtype)
     else:  # inference: nothing is kept for a backward pass
         y, last, _ = _chunked_forward(_StreamedInputs(plan, u, delta, A, B, C, bias, delta_softplus), plan,
                                       save_starts=False)
-        graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (D, z))
+        graph = _needs_graph(D, z)
         out = _finish(y, u, D, z, out_dtype, inplace=not graph)
     return (out, last) if return_last_state else out
 
 
 # ------------------------------------------------------------------------------------------------
-# compiled backend: C kernel for CPU inference
+# compiled backend: C kernel for CPU tensors
 # ------------------------------------------------------------------------------------------------
 def _scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
@@ -676,16 +681,12 @@ def _scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if _compute_dtype(u.dtype) == torch.float64:
         return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     out_dtype, f32 = u.dtype, torch.float32
-
-    def graph(*tensors: Tensor | None) -> bool:
-        return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-    if graph(u, delta, A, B, C, delta_bias):
+    if _needs_graph(u, delta, A, B, C, delta_bias):
         u = u.to(f32)
         y, last = compiled_scan.scan_autograd(u, delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
                                               None if delta_bias is None else delta_bias.to(f32), delta_softplus)
         out = _finish(y, u, D, z, out_dtype)
-    elif graph(D, z):  # D and the gate with autograd, the scan without
+    elif _needs_graph(D, z):  # D and the gate with autograd, the scan without
         y, last = compiled_scan.scan_forward(u, delta, A, B, C, None, delta_bias, delta_softplus, return_last_state)
         out = _finish(y, u, D, z, out_dtype)
     else:  # inference: D inside the kernel, the gate in place
