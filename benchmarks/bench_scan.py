@@ -365,12 +365,11 @@ def main(argv: List[str] | None = None) -> None:
             print('mambapy is not installed (pip install mambapy, the "bench" extra): skipping it', file=sys.stderr)
             args.impls = [i for i in args.impls if i != 'mambapy']
     if 'compiled' in args.impls:
-        from basicsr_mambair.ops import compiled_scan
+        from basicsr_mambair.ops.scan import compiled
 
-        try:
-            compiled_scan.load()
-        except compiled_scan.KernelUnavailable as exc:
-            print(f'compiled backend unavailable ({exc}): skipping it', file=sys.stderr)
+        reason = compiled.unavailable_reason()
+        if reason is not None:
+            print(f'compiled backend unavailable ({reason}): skipping it', file=sys.stderr)
             args.impls = [i for i in args.impls if i != 'compiled']
     mem_limit = args.mem_limit_gb * 2**30
     info = machine()

@@ -3,7 +3,6 @@ softplus, threads, dispatch, the build cache and every way the build can fail.""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import shutil
@@ -15,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from conftest import SCAN_OPTION_CASES, assert_close, scan_with_grads
 
-from basicsr_mambair.ops import compiled_scan, selective_scan, selective_scan_reference
+from basicsr_mambair.errors import KernelUnavailable
+from basicsr_mambair.ops import scan as ss
+from basicsr_mambair.ops.scan import compiled, selective_scan, selective_scan_reference
 
-ss = importlib.import_module('basicsr_mambair.ops.selective_scan')
 HAS_COMPILER = any(shutil.which(c) for c in ('cc', 'gcc', 'clang'))
 
 
@@ -25,16 +25,16 @@ HAS_COMPILER = any(shutil.which(c) for c in ('cc', 'gcc', 'clang'))
 def kernel():
     """The built kernel. Where a C compiler exists it must build and pass its self-check (a failure here is
     a bug, not a skip); only a machine without one skips."""
-    compiled_scan._reset()
+    compiled.reset()
     try:
-        compiled_scan.load()
-    except compiled_scan.KernelUnavailable as exc:
+        compiled.load()
+    except KernelUnavailable as exc:
         if HAS_COMPILER:
             pytest.fail(f'the compiled scan does not build with the compiler present: {exc}')
         pytest.skip(f'no C compiler: {exc}')
     yield
-    compiled_scan._reset()
-    ss._reset_state()
+    compiled.reset()
+    ss.reset()
 
 
 def inputs(batch=2, dim=40, groups=4, n=16, length=70, b_groups=None, c_groups=None, dt_scale=1.0, a_max=4.0,
@@ -177,7 +177,7 @@ def test_exp_is_accurate_over_the_float32_range():
     u = torch.tensor([1.0, 0.0]).repeat(1, k, 1)
     y = selective_scan(u, torch.ones(1, k, 2), a[:, None], torch.ones(1, 1, 2), torch.ones(1, 1, 2),
                        backend='compiled')[0, :, 1].double()
-    want = 2 ** (a * compiled_scan.LOG2E).double()
+    want = 2 ** (a * compiled.LOG2E).double()
     tiny = torch.finfo(torch.float32).tiny
     normal = want >= 2 * tiny
     assert torch.isfinite(y).all() and want[:-1].max() < torch.finfo(torch.float32).max
@@ -267,7 +267,7 @@ def test_half_inputs_are_computed_in_float32(dtype):
 
 def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
     """Forward and backward on 1, 2 and 3 threads: outputs and gradients identical to the last bit."""
-    monkeypatch.setattr(compiled_scan, 'MIN_PARALLEL_ELEMS', 1)
+    monkeypatch.setattr(compiled, 'MIN_PARALLEL_ELEMS', 1)
     t = inputs(batch=3, dim=96, length=200, seed=11)
     threads = torch.get_num_threads()
     try:
@@ -288,12 +288,12 @@ def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_auto_uses_the_kernel_on_the_cpu_and_torch_for_float64(monkeypatch, caplog):
     monkeypatch.delenv(ss.ENV_VAR, raising=False)
-    ss._reset_state()
+    ss.reset()
     assert ss.get_backend('cpu') == 'compiled'
     calls = []
     for name in ('scan_forward', 'scan_autograd'):
-        real = getattr(compiled_scan, name)
-        monkeypatch.setattr(compiled_scan, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
+        real = getattr(compiled, name)
+        monkeypatch.setattr(compiled, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or
                             _real(*a, **k))
     t = inputs(length=50)
     with caplog.at_level(logging.INFO, logger='basicsr'):
@@ -322,8 +322,8 @@ def no_compiler(monkeypatch, tmp_path):
     monkeypatch.delenv('CC', raising=False)
     monkeypatch.setenv('MAMBAIR_CACHE_DIR', str(tmp_path / 'cache'))
     monkeypatch.delenv(ss.ENV_VAR, raising=False)
-    compiled_scan._reset()
-    ss._reset_state()
+    compiled.reset()
+    ss.reset()
 
 
 def test_without_a_compiler_auto_uses_torch_and_says_why(no_compiler, caplog):
@@ -353,8 +353,8 @@ def test_failing_compiler_is_reported_in_one_line(no_compiler, monkeypatch, tmp_
                     'esac\n')
     fake.chmod(0o755)
     monkeypatch.setenv('CC', str(fake))
-    with pytest.raises(compiled_scan.KernelUnavailable) as info:
-        compiled_scan.load()
+    with pytest.raises(KernelUnavailable) as info:
+        compiled.load()
     assert 'could not build scan_kernel.c: fatal: cannot build' in str(info.value)
     assert '\n' not in str(info.value)
     assert not list((tmp_path / 'cache').glob('*'))  # no half-written library left in the cache
@@ -364,33 +364,33 @@ def test_unwritable_cache_folder_falls_back_to_the_temp_folder(monkeypatch, tmp_
     not_a_folder = tmp_path / 'file'
     not_a_folder.write_text('')
     monkeypatch.setenv('MAMBAIR_CACHE_DIR', str(not_a_folder))
-    monkeypatch.setattr(compiled_scan.tempfile, 'tempdir', str(tmp_path / 'tmp'))
-    compiled_scan._reset()
-    compiled_scan.load()
+    monkeypatch.setattr(compiled.tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    compiled.reset()
+    compiled.load()
     assert list((tmp_path / 'tmp').glob('basicsr_mambair-*/scan_kernel-*'))
 
 
 def test_kernel_disagreeing_with_the_reference_is_not_used(monkeypatch):
     """The self-check that guards against a miscompiled kernel: with a wrong 'reference' it must refuse."""
-    compiled_scan._reset()
-    monkeypatch.setattr(ss, 'selective_scan_reference',
+    compiled.reset()
+    monkeypatch.setattr(compiled, 'selective_scan_reference',
                         lambda *a, **k: tuple(2 * r for r in selective_scan_reference(*a, **k)))
-    with pytest.raises(compiled_scan.KernelUnavailable, match='disagrees with the reference'):
-        compiled_scan.load()
+    with pytest.raises(KernelUnavailable, match='disagrees with the reference'):
+        compiled.load()
 
 
 def test_build_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
     """One build per (source, compiler, CPU); a new process loads the cached library without compiling."""
     monkeypatch.setenv('MAMBAIR_CACHE_DIR', str(tmp_path))
-    compiled_scan._reset()
-    compiled_scan.load()
+    compiled.reset()
+    compiled.load()
     built = list(tmp_path.glob('scan_kernel-*'))
     assert len(built) == 1
     runs = []
     real_run = subprocess.run
     monkeypatch.setattr(subprocess, 'run', lambda cmd, **k: runs.append(cmd) or real_run(cmd, **k))
-    compiled_scan._reset()
-    compiled_scan.load()
+    compiled.reset()
+    compiled.load()
     assert all('--version' in cmd for cmd in runs)  # asked the compiler's version, compiled nothing
     assert list(tmp_path.glob('scan_kernel-*')) == built
 
@@ -415,11 +415,11 @@ def test_realistic_mambair_inputs_at_full_length():
 def test_first_scan_under_no_grad_or_inference_mode_builds_the_kernel(context, monkeypatch):
     """The self-check needs autograd; the first scan of a process is usually a model's inference."""
     monkeypatch.delenv(ss.ENV_VAR, raising=False)
-    compiled_scan._reset()
-    ss._reset_state()
+    compiled.reset()
+    ss.reset()
     t = inputs(length=20)
     with context():
         y = scan(t, None)[0]
-    assert compiled_scan._error is None and ss.get_backend('cpu') == 'compiled'
+    assert compiled.unavailable_reason() is None and ss.get_backend('cpu') == 'compiled'
     with torch.no_grad():
         torch.testing.assert_close(y, scan(t, 'torch')[0], rtol=1e-5, atol=1e-5)

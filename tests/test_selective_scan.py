@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import warnings
@@ -15,9 +14,9 @@ from conftest import SCAN_GRAD_NAMES as GRAD_NAMES
 from conftest import SCAN_OPTION_CASES, assert_close
 from conftest import scan_with_grads as run
 
-from basicsr_mambair.ops import get_backend, scan_backend, selective_scan, selective_scan_reference
+from basicsr_mambair.ops import scan as ss
+from basicsr_mambair.ops.scan import chunked, cuda, get_backend, scan_backend, selective_scan, selective_scan_reference
 
-ss = importlib.import_module('basicsr_mambair.ops.selective_scan')  # the module (the package exports the function)
 
 def make_inputs(batch=2, dim=8, length=7, n=4, groups=4, grouped=True, dt_scale=1.0, a_max=4.0, seed=0,
                 dtype=torch.float32):
@@ -52,9 +51,9 @@ def check_against_float64(inputs, rtol=1e-5, **options):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 4 steps, groups of a few chunks, tiny serial spans: every code path runs on small inputs."""
-    monkeypatch.setattr(ss, 'CHUNK_LEN', 4)
-    monkeypatch.setattr(ss, 'GROUP_ELEMS', 4 * 3 * 2 * 8 * 4)  # 3 chunks per group at batch 2, dim 8, N 4
-    monkeypatch.setattr(ss, '_span_len', lambda device: 40)  # as with several threads, in smaller spans
+    monkeypatch.setattr(chunked, 'CHUNK_LEN', 4)
+    monkeypatch.setattr(chunked, 'GROUP_ELEMS', 4 * 3 * 2 * 8 * 4)  # 3 chunks per group at batch 2, dim 8, N 4
+    monkeypatch.setattr(chunked, '_span_len', lambda device: 40)  # as with several threads, in smaller spans
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def test_chunk_boundaries_match_float64_reference(small_chunks, length, groups):
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_inference_path_matches_float64_reference(small_chunks, monkeypatch, length, softplus, stream_elems, dtype):
     """Without autograd dt and x are built in blocks of groups (another code path): same values."""
-    monkeypatch.setattr(ss, 'STREAM_ELEMS', stream_elems)  # a group: 3 chunks x 4 steps x batch 2 x dim 8 = 192
+    monkeypatch.setattr(chunked, 'STREAM_ELEMS', stream_elems)  # a group: 3 chunks x 4 steps x batch 2 x dim 8 = 192
     inputs = make_inputs(length=length, groups=2, seed=length, dtype=dtype)
     if not softplus:
         inputs['delta'] = inputs['delta'].abs() * 0.3
@@ -105,7 +104,7 @@ def test_inference_path_matches_float64_reference(small_chunks, monkeypatch, len
 
 def test_single_chunk_per_group(monkeypatch):
     """Each group is a single chunk when one chunk's state exceeds GROUP_ELEMS (large batch * dim)."""
-    monkeypatch.setattr(ss, 'GROUP_ELEMS', 1)
+    monkeypatch.setattr(chunked, 'GROUP_ELEMS', 1)
     check_against_float64(make_inputs(length=37, seed=3))
 
 
@@ -150,7 +149,7 @@ def test_softplus_matches_torch(dtype):
     x = x.to(dtype)
     eps = torch.finfo(dtype).eps
     for inplace in (False, True):
-        y = ss._softplus(x.clone(), inplace=inplace)
+        y = chunked._softplus(x.clone(), inplace=inplace)
         torch.testing.assert_close(y, F.softplus(x), rtol=4 * eps, atol=torch.finfo(dtype).tiny)
         assert torch.equal(y[x > 20], x[x > 20])
 
@@ -176,13 +175,13 @@ def test_half_inputs_are_computed_in_float32(dtype):
 
 def test_no_grad_keeps_nothing_for_backward(monkeypatch):
     calls = []
-    forward = ss._chunked_forward
+    forward = chunked._chunked_forward
 
     def spy(*args, **kwargs):
         calls.append(kwargs['save_starts'])
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(ss, '_chunked_forward', spy)
+    monkeypatch.setattr(chunked, '_chunked_forward', spy)
     inputs = make_inputs(length=20)
     args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C')]
     with torch.no_grad():
@@ -248,9 +247,9 @@ def no_mamba(monkeypatch):
     """mamba_ssm absent (importing it raises ImportError) and fresh one-time log/warning records."""
     monkeypatch.setitem(sys.modules, 'mamba_ssm', None)
     monkeypatch.delenv(ss.ENV_VAR, raising=False)
-    ss._reset_state()
+    ss.reset()
     yield
-    ss._reset_state()
+    ss.reset()
 
 
 def test_import_does_not_import_mamba_ssm():
@@ -272,31 +271,31 @@ def test_cuda_request_on_cpu_falls_back_with_one_warning(no_mamba, monkeypatch):
 
 def test_cuda_device_without_mamba_ssm(no_mamba):
     assert get_backend('cuda') == 'torch'  # auto: no kernel -> torch
-    assert get_backend(torch.device('cpu')) == ('compiled' if ss._compiled_error() is None else 'torch')
-    ss._mamba_fn = ss._mamba_error = None
+    assert get_backend(torch.device('cpu')) == ('compiled' if ss.compiled.unavailable_reason() is None else 'torch')
+    cuda.reset()
     with pytest.warns(RuntimeWarning, match='mamba_ssm does not import'):
-        assert ss._resolve('cuda', torch.device('cuda')) == 'torch'
+        assert ss.resolve_backend('cuda', torch.device('cuda')) == 'torch'
 
 
 def test_selection_precedence_and_logging(no_mamba, monkeypatch, caplog):
     monkeypatch.setenv(ss.ENV_VAR, 'reference')
     cpu = torch.device('cpu')
     with caplog.at_level(logging.INFO, logger='basicsr'):
-        assert ss._resolve(None, cpu) == 'reference'  # environment variable
+        assert ss.resolve_backend(None, cpu) == 'reference'  # environment variable
         with scan_backend('torch'):
-            assert ss._resolve(None, cpu) == 'torch'  # context manager beats the environment
-            assert ss._resolve('reference', cpu) == 'reference'  # explicit argument beats both
-        assert ss._resolve(None, cpu) == 'reference'  # override restored
-        assert ss._resolve('torch', cpu) == 'torch'
+            assert ss.resolve_backend(None, cpu) == 'torch'  # context manager beats the environment
+            assert ss.resolve_backend('reference', cpu) == 'reference'  # explicit argument beats both
+        assert ss.resolve_backend(None, cpu) == 'reference'  # override restored
+        assert ss.resolve_backend('torch', cpu) == 'torch'
         monkeypatch.setenv(ss.ENV_VAR, 'AUTO')
-        auto = ss._resolve(None, cpu)
+        auto = ss.resolve_backend(None, cpu)
         assert auto == get_backend(cpu)
     logged = [r.getMessage() for r in caplog.records if r.name == 'basicsr']
     assert logged[:2] == ['Selective scan backend: reference', 'Selective scan backend: torch']  # once per backend
     assert len(logged) == 2 + (auto != 'torch') and logged[-1].startswith(f'Selective scan backend: {auto}')
     monkeypatch.setenv(ss.ENV_VAR, 'fast')
     with pytest.raises(ValueError, match='unknown selective scan backend'):
-        ss._resolve(None, cpu)
+        ss.resolve_backend(None, cpu)
     with pytest.raises(ValueError):
         with scan_backend('nope'):
             pass

@@ -1,5 +1,5 @@
-"""Numerical kernels: the selective scan of Mamba (CUDA kernel or exact pure PyTorch)."""
+"""Numerical kernels: the selective scan of Mamba (:mod:`.scan`: CUDA kernel, C kernel or exact pure PyTorch)."""
 
-from .selective_scan import get_backend, scan_backend, selective_scan, selective_scan_reference
+from .scan import get_backend, scan_backend, selective_scan, selective_scan_reference
 
 __all__ = ['selective_scan', 'selective_scan_reference', 'scan_backend', 'get_backend']

@@ -1,45 +1,18 @@
-"""Selective scan of Mamba (S6), exact on any device.
+"""The ``torch`` scan: a chunked selective scan in pure PyTorch with its own backward, on any device.
 
-For every batch b, channel d and state n (time index t)::
-
-    h[t] = exp(dt[t] * A[d, n]) * h[t-1] + dt[t] * u[t] * B[g(d), n, t]      h[-1] = 0
-    y[t] = sum_n C[g(d), n, t] * h[t, n]  (+ D[d] * u[t])  (* silu(z[t]))
-
-with ``dt = softplus(delta + delta_bias)`` (softplus optional) and ``g(d) = d // (dim // G)`` the
-group of channel d (MambaIR scans its 4 directions as G = 4 groups in one call).
-
-Backends behind :func:`selective_scan` (argument, :func:`scan_backend`, or ``MAMBAIR_SCAN``):
-
-- ``cuda``: ``mamba_ssm``'s kernel, imported lazily the first time CUDA tensors are scanned.
-- ``compiled``: our C kernel for CPU tensors, forward and backward (:mod:`.compiled_scan`, built on
-  first use with the system's C compiler); it computes in float32, so float64 calls run ``torch``.
-- ``torch``: a chunked scan in pure PyTorch with its own backward, on any device;
-  float32 results agree with a float64 evaluation to ~1e-6 relative, also for long sequences.
-- ``reference``: a plain sequential loop with autograd through it; slow, for tests only.
-
-``auto`` picks ``cuda`` for CUDA tensors when ``mamba_ssm`` imports, ``compiled`` for CPU tensors where
-the kernel builds, and ``torch`` otherwise.
+float32 results agree with a float64 evaluation to ~1e-6 relative, also for long sequences. The fallback
+where no C compiler exists (CPU) and where neither ``mamba_ssm`` nor Triton is usable (GPU).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import os
-import warnings
-from typing import Callable, Iterator, Tuple, Union
+from typing import Iterator, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import compiled_scan
-
-__all__ = ['selective_scan', 'selective_scan_reference', 'scan_backend', 'get_backend', 'BACKENDS']
-
-BACKENDS = ('auto', 'cuda', 'compiled', 'torch', 'reference')
-ENV_VAR = 'MAMBAIR_SCAN'
+from .common import ScanOut, check_shapes, compute_dtype, finish, grouped, needs_graph
 
 # Chunk length T: the scan runs sequentially over the T steps of a chunk, for many chunks at once, so
 # one tensor op advances (chunks x batch x dim x N) states. Larger T means fewer chunk-to-chunk carries
@@ -58,243 +31,6 @@ SERIAL_ELEMS = 32000
 
 LOG2E = math.log2(math.e)
 
-_logger = logging.getLogger('basicsr')
-_override: str | None = None
-_logged: set = set()
-_warned: set = set()
-_mamba_fn: Callable | None = None
-_mamba_error: BaseException | None = None
-
-ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
-
-
-# ------------------------------------------------------------------------------------------------
-# backend selection
-# ------------------------------------------------------------------------------------------------
-def _check_name(name: str) -> str:
-    key = name.strip().lower()
-    if key not in BACKENDS:
-        raise ValueError(f'unknown selective scan backend {name!r}; expected one of {BACKENDS}')
-    return key
-
-
-@contextlib.contextmanager
-def scan_backend(name: str) -> Iterator[None]:
-    """Use backend ``name`` (one of :data:`BACKENDS`) for calls without ``backend=`` inside the block.
-
-    A process-wide override (not thread-safe); it takes precedence over ``MAMBAIR_SCAN``.
-    """
-    global _override
-    previous, _override = _override, _check_name(name)
-    try:
-        yield
-    finally:
-        _override = previous
-
-
-def _load_mamba() -> Callable | None:
-    """``mamba_ssm``'s ``selective_scan_fn``, or None when it does not import (tried once)."""
-    global _mamba_fn, _mamba_error
-    if _mamba_fn is None and _mamba_error is None:
-        try:
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        except Exception as exc:  # ImportError, or a broken build (OSError / undefined CUDA symbols)
-            _mamba_error = exc
-        else:
-            _mamba_fn = selective_scan_fn
-    return _mamba_fn
-
-
-def _compiled_error() -> str | None:
-    """Why the compiled CPU kernel cannot be used here (None when it can; built on the first call)."""
-    try:
-        compiled_scan.load()
-    except compiled_scan.KernelUnavailable as exc:
-        return str(exc)
-    return None
-
-
-def get_backend(tensor_device: torch.device | str) -> str:
-    """The backend ``auto`` picks for tensors on ``tensor_device``: ``cuda``, ``compiled`` or ``torch``.
-
-    Only asking about a CUDA device tries to import ``mamba_ssm``; only asking about the CPU builds the
-    compiled kernel.
-    """
-    device = torch.device(tensor_device)
-    if device.type == 'cuda' and _load_mamba() is not None:
-        return 'cuda'
-    if device.type == 'cpu' and _compiled_error() is None:
-        return 'compiled'
-    return 'torch'
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _resolve(backend: str | None, device: torch.device) -> str:
-    name = _check_name(backend or _override or os.environ.get(ENV_VAR, '') or 'auto')
-    note = ''
-    if name == 'auto':
-        name = get_backend(device)
-        if device.type == 'cpu' and name == 'torch':
-            note = f' (compiled CPU kernel unavailable: {_compiled_error()})'
-    elif name == 'cuda':
-        if device.type != 'cuda':
-            _warn_once('cuda-device', f'selective scan backend "cuda" needs CUDA tensors (got {device.type}); '
-                                      'falling back to the pure PyTorch scan')
-            name = 'torch'
-        elif _load_mamba() is None:
-            _warn_once('cuda-import', f'selective scan backend "cuda": mamba_ssm does not import '
-                                      f'({_mamba_error!r}); falling back to the pure PyTorch scan')
-            name = 'torch'
-    elif name == 'compiled':
-        if device.type != 'cpu':
-            _warn_once('compiled-device', f'selective scan backend "compiled" needs CPU tensors (got '
-                                          f'{device.type}); falling back to the pure PyTorch scan')
-            name = 'torch'
-        elif (reason := _compiled_error()) is not None:
-            _warn_once('compiled-build', f'selective scan backend "compiled" is unavailable: {reason}; '
-                                         'falling back to the pure PyTorch scan')
-            name = 'torch'
-    if name not in _logged:
-        _logged.add(name)
-        _logger.info('Selective scan backend: %s%s', name, note)
-    return name
-
-
-def _reset_state() -> None:
-    """Forget the one-time log/warning records and the cached import (for tests)."""
-    global _mamba_fn, _mamba_error
-    _logged.clear()
-    _warned.clear()
-    _mamba_fn = _mamba_error = None
-    compiled_scan._reset()
-
-
-# ------------------------------------------------------------------------------------------------
-# public entry point
-# ------------------------------------------------------------------------------------------------
-def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: str | None = None) -> ScanOut:
-    """Selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
-
-    Args:
-        u, delta: (batch, dim, L) input and time step (before ``delta_bias``/softplus).
-        A: (dim, N) real state matrix (diagonal per channel; negative for a decaying state).
-        B, C: (batch, G, N, L) with dim divisible by G (channel block k uses group k), or (batch, N, L).
-        D: (dim,) skip connection; z: (batch, dim, L) gate, output multiplied by silu(z).
-        delta_bias: (dim,) added to delta; delta_softplus: apply softplus to delta + delta_bias.
-        return_last_state: also return the final state h[L-1], (batch, dim, N).
-        backend: 'auto' | 'cuda' | 'compiled' | 'torch' | 'reference'; None: :func:`scan_backend` override, else
-            the ``MAMBAIR_SCAN`` environment variable, else 'auto'.
-
-    Returns:
-        y (batch, dim, L) in u's dtype, computed in float32 (float64 for float64 inputs); with
-        ``return_last_state`` also the last state in the computation dtype.
-    """
-    name = _resolve(backend, u.device)
-    if name == 'cuda':
-        return _mamba_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    impl = {'compiled': _scan_compiled, 'torch': _scan_torch, 'reference': selective_scan_reference}[name]
-    return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
-
-# ------------------------------------------------------------------------------------------------
-# shared preparation
-# ------------------------------------------------------------------------------------------------
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> int:
-    """Validate shapes; return the number of groups G of B/C."""
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f'u and delta must both be (batch, dim, L); got {tuple(u.shape)}, {tuple(delta.shape)}')
-    batch, dim, length = u.shape
-    if A.is_complex():
-        raise NotImplementedError('complex A is not supported (MambaIR uses a real A)')
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f'A must be (dim, N) = ({dim}, N); got {tuple(A.shape)}')
-    n = A.shape[1]
-    for name, t in (('B', B), ('C', C)):
-        ok = (t.dim() == 3 and tuple(t.shape) == (batch, n, length)) or (
-            t.dim() == 4 and t.shape[0] == batch and tuple(t.shape[2:]) == (n, length) and dim % t.shape[1] == 0)
-        if not ok:
-            raise ValueError(f'{name} must be (batch, N, L) or (batch, G, N, L) with dim % G == 0 for u '
-                             f'{tuple(u.shape)} and N={n}; got {tuple(t.shape)}')
-    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
-        raise ValueError(f'B and C have different group counts: {B.shape[1]} vs {C.shape[1]}')
-    return B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
-
-
-def _grouped(t: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
-    """B or C as (batch, G, N, L) in ``dtype`` (a view when possible; (batch, N, L) is shared by all G)."""
-    return (t.unsqueeze(1) if t.dim() == 3 else t).to(dtype).expand(-1, groups, -1, -1)
-
-
-def _prepare(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, delta_bias: Tensor | None,
-             delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Reference path: cast to the computation dtype, dt = softplus(delta + bias), B and C with a group axis."""
-    groups = _check_shapes(u, delta, A, B, C)
-    cd = _compute_dtype(u.dtype)
-    dt = delta.to(cd)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(cd)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)  # threshold 20, as in mamba_ssm's kernel
-    return u.to(cd), dt, A.to(cd), _grouped(B, groups, cd), _grouped(C, groups, cd)
-
-
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    """Whether autograd must record an op on ``tensors`` (grad mode on and one of them requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype,
-            inplace: bool = False) -> Tensor:
-    """y + D u, times silu(z), in ``out_dtype``; ``inplace`` (y is ours, no autograd) saves two copies."""
-    if D is not None:
-        y = y.addcmul_(u, D.to(y.dtype)[:, None]) if inplace else y + u * D.to(y.dtype)[:, None]
-    if z is not None:
-        y = y.mul_(F.silu(z.to(y.dtype))) if inplace else y * F.silu(z.to(y.dtype))
-    return y.to(out_dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# reference: sequential loop
-# ------------------------------------------------------------------------------------------------
-def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                             z: Tensor | None = None, delta_bias: Tensor | None = None,
-                             delta_softplus: bool = False, return_last_state: bool = False) -> ScanOut:
-    """Plain sequential scan, one time step per iteration (shapes as :func:`selective_scan`).
-
-    Autograd runs through the loop, so training memory is O(batch * dim * N * L). Slow; for tests and
-    benchmarks. Computes in float32, or float64 for float64 inputs.
-    """
-    out_dtype = u.dtype
-    u, dt, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    batch, dim, length = u.shape
-    groups, n = B.shape[1], B.shape[2]
-    x = (dt * u).view(batch, groups, dim // groups, length)
-    dt4 = dt.view(batch, groups, dim // groups, length)
-    A4 = A.view(groups, dim // groups, n)
-    h = u.new_zeros(batch, groups, dim // groups, n)
-    ys = []
-    for t in range(length):
-        h = torch.exp(dt4[..., t, None] * A4) * h + x[..., t, None] * B[:, :, None, :, t]
-        ys.append((h * C[:, :, None, :, t]).sum(-1))
-    y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
-    out = _finish(y, u, D, z, out_dtype)
-    return (out, h.reshape(batch, dim, n)) if return_last_state else out
-
-
-# ------------------------------------------------------------------------------------------------
-# torch backend: chunked scan
-# ------------------------------------------------------------------------------------------------
 # Layout. Inputs are first copied "step-major", (batch, Lp, G, X) with L zero-padded to Lp, so that the
 # values of one time step are contiguous. Time is cut into chunks of T steps; K consecutive chunks form
 # a group that is processed at once in (T, K, batch, G, N, H) buffers (H = dim // G channels per group
@@ -646,50 +382,26 @@ class _ChunkedScan(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                 z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                 return_last_state: bool = False) -> ScanOut:
-    """The ``torch`` backend (shapes as :func:`selective_scan`); module constants CHUNK_LEN, GROUP_ELEMS
-    and SERIAL_ELEMS set its blocking (tests shrink them to exercise every code path)."""
-    groups = _check_shapes(u, delta, A, B, C)
-    out_dtype, cd = u.dtype, _compute_dtype(u.dtype)
+    """The ``torch`` backend (shapes as :func:`~basicsr_mambair.ops.scan.selective_scan`); module constants
+    CHUNK_LEN, GROUP_ELEMS and SERIAL_ELEMS set its blocking (tests shrink them to exercise every code path)."""
+    groups = check_shapes(u, delta, A, B, C)
+    out_dtype, cd = u.dtype, compute_dtype(u.dtype)
     u, delta, A = u.to(cd), delta.to(cd), A.to(cd)
-    B, C = _grouped(B, groups, cd), _grouped(C, groups, cd)
+    B, C = grouped(B, groups, cd), grouped(C, groups, cd)
     bias = None if delta_bias is None else delta_bias.to(cd)
     batch, dim, length = u.shape
     plan = _Plan(batch, dim, groups, A.shape[1], length, CHUNK_LEN, GROUP_ELEMS)
-    if _needs_graph(u, delta, A, B, C, bias):
+    if needs_graph(u, delta, A, B, C, bias):
         y, last = _ChunkedScan.apply(u, delta, A, B, C, bias, plan, delta_softplus)
-        out = _finish(y, u, D, z, out_dtype)
+        out = finish(y, u, D, z, out_dtype)
     else:  # inference: nothing is kept for a backward pass
         y, last, _ = _chunked_forward(_StreamedInputs(plan, u, delta, A, B, C, bias, delta_softplus), plan,
                                       save_starts=False)
-        graph = _needs_graph(D, z)
-        out = _finish(y, u, D, z, out_dtype, inplace=not graph)
+        graph = needs_graph(D, z)
+        out = finish(y, u, D, z, out_dtype, inplace=not graph)
     return (out, last) if return_last_state else out
 
 
-# ------------------------------------------------------------------------------------------------
-# compiled backend: C kernel for CPU tensors
-# ------------------------------------------------------------------------------------------------
-def _scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
-                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False) -> ScanOut:
-    """The ``compiled`` backend (shapes as :func:`selective_scan`): the C kernel, computing in float32;
-    float64 calls run the ``torch`` backend."""
-    _check_shapes(u, delta, A, B, C)
-    if _compute_dtype(u.dtype) == torch.float64:
-        return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    out_dtype, f32 = u.dtype, torch.float32
-    if _needs_graph(u, delta, A, B, C, delta_bias):
-        u = u.to(f32)
-        y, last = compiled_scan.scan_autograd(u, delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
-                                              None if delta_bias is None else delta_bias.to(f32), delta_softplus)
-        out = _finish(y, u, D, z, out_dtype)
-    elif _needs_graph(D, z):  # D and the gate with autograd, the scan without
-        y, last = compiled_scan.scan_forward(u, delta, A, B, C, None, delta_bias, delta_softplus, return_last_state)
-        out = _finish(y, u, D, z, out_dtype)
-    else:  # inference: D inside the kernel, the gate in place
-        y, last = compiled_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)
-        out = _finish(y, u, None, z, out_dtype, inplace=True)
-    return (out, last) if return_last_state else out

@@ -1,4 +1,4 @@
-/* Selective scan on the CPU, forward and backward, compiled on first use by compiled_scan.py (no Python
+/* Selective scan on the CPU, forward and backward, compiled on first use by compiled.py (no Python
  * headers, no libraries: loaded with ctypes, so any C compiler that knows GCC vector extensions builds it).
  *
  * Why C: a scan made of PyTorch ops pays one pass over memory per op on (batch, dim, L, N) values; here
@@ -96,7 +96,7 @@ INLINE vf softplus(vf x, vf *slope) {
  * given batch and group strides (group stride 0 when shared); dB, dC: (batch, G, L, N) step-major, for every
  * channel group also where B or C is shared; D, bias: (dim,) or NULL; last, dlast: (batch, dim, N) or NULL.
  * The forward uses the first block of fields, the backward all but D, y and last. Keep in sync with
- * compiled_scan.py. */
+ * compiled.py. */
 typedef struct {
     const float *u, *delta, *A2, *B, *C, *D, *bias;
     float *y, *last;

@@ -7,10 +7,9 @@ over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no com
 fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
 :class:`KernelUnavailable` with the reason and the caller uses the ``torch`` backend.
 
-:func:`scan_forward` serves inference, :func:`scan_autograd` training (its backward recomputes the states
-tile by tile, so nothing of size (batch, dim, L, N) is kept). :mod:`.selective_scan` calls them for CPU
-tensors computed in float32 (float32 / float16 / bfloat16 inputs) and runs the ``torch`` backend for
-float64.
+:func:`scan` is the backend's entry point: :func:`scan_forward` serves inference, :func:`scan_autograd`
+training (its backward recomputes the states tile by tile, so nothing of size (batch, dim, L, N) is kept).
+It computes in float32 (float32 / float16 / bfloat16 inputs) and runs the ``torch`` backend for float64.
 """
 
 from __future__ import annotations
@@ -32,17 +31,19 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['KernelUnavailable', 'load', 'scan_forward', 'scan_autograd', 'cache_dir']
+from ...errors import KernelUnavailable
+from . import chunked
+from .common import ScanOut, check_shapes, compute_dtype, finish, needs_graph
+from .reference import selective_scan_reference
+
+__all__ = ['KernelUnavailable', 'cache_dir', 'load', 'reset', 'scan', 'scan_autograd', 'scan_forward',
+           'unavailable_reason']
 
 SOURCE = Path(__file__).with_name('scan_kernel.c')
 LOG2E = math.log2(math.e)
 # (batch, dim, L, N) elements per thread at least: below, the pool's hand-off (~0.1 ms) costs more than
 # it saves.
 MIN_PARALLEL_ELEMS = 1 << 18
-
-
-class KernelUnavailable(RuntimeError):
-    """The C kernel cannot be used here; the message says why (one line)."""
 
 
 class _Args(ctypes.Structure):
@@ -133,13 +134,11 @@ def _self_check(lib: ctypes.CDLL) -> None:
     """The kernel on small cases with every feature (partial channel blocks, a partial tile, generic N,
     softplus, bias, D, last state, shared and grouped B/C), forward and backward, against the float64
     reference: a compiler that miscompiles it is caught here, not in a user's results."""
-    from .selective_scan import selective_scan_reference
-
     with torch.inference_mode(False), torch.enable_grad():  # the first scan may come from inference code
-        _compare_with_reference(lib, selective_scan_reference)
+        _compare_with_reference(lib)
 
 
-def _compare_with_reference(lib: ctypes.CDLL, selective_scan_reference: Callable) -> None:
+def _compare_with_reference(lib: ctypes.CDLL) -> None:
     g = torch.Generator().manual_seed(0)
     batch, dim, length = 2, 40, 70
     for n, b_groups in ((16, 2), (3, 0)):
@@ -190,7 +189,16 @@ def load() -> ctypes.CDLL:
     return _lib
 
 
-def _reset() -> None:
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used here (one line), or None when it can; builds it on the first call."""
+    try:
+        load()
+    except KernelUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def reset() -> None:
     """Forget the loaded library and any failure (for tests)."""
     global _lib, _error
     _lib = _error = None
@@ -314,7 +322,7 @@ class _CompiledScan(torch.autograd.Function):
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                  delta_bias: Tensor | None = None, delta_softplus: bool = False,
                  return_last_state: bool = False) -> Tuple[Tensor, Tensor | None]:
-    """Forward scan without gate (shapes as :func:`~.selective_scan.selective_scan`, validated there).
+    """Forward scan without gate (shapes as :func:`~basicsr_mambair.ops.scan.selective_scan`, validated there).
 
     Returns y (batch, dim, L) float32 including ``D * u``, and the last state (batch, dim, N) float32 or
     None. Raises :class:`KernelUnavailable` when the kernel cannot be built here.
@@ -328,3 +336,26 @@ def scan_autograd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, del
     (batch, dim, N). Raises :class:`KernelUnavailable` when the kernel cannot be built here."""
     load()
     return _CompiledScan.apply(u, delta, A, B, C, delta_bias, delta_softplus)
+
+
+def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+         z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+         return_last_state: bool = False) -> ScanOut:
+    """The ``compiled`` backend (shapes as :func:`~basicsr_mambair.ops.scan.selective_scan`): the C kernel,
+    computing in float32; float64 calls run the ``torch`` backend."""
+    check_shapes(u, delta, A, B, C)
+    if compute_dtype(u.dtype) == torch.float64:
+        return chunked.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    out_dtype, f32 = u.dtype, torch.float32
+    if needs_graph(u, delta, A, B, C, delta_bias):
+        u = u.to(f32)
+        y, last = scan_autograd(u, delta.to(f32), A.to(f32), B.to(f32), C.to(f32),
+                                None if delta_bias is None else delta_bias.to(f32), delta_softplus)
+        out = finish(y, u, D, z, out_dtype)
+    elif needs_graph(D, z):  # D and the gate with autograd, the scan without
+        y, last = scan_forward(u, delta, A, B, C, None, delta_bias, delta_softplus, return_last_state)
+        out = finish(y, u, D, z, out_dtype)
+    else:  # inference: D inside the kernel, the gate in place
+        y, last = scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, return_last_state)
+        out = finish(y, u, None, z, out_dtype, inplace=True)
+    return (out, last) if return_last_state else out
