@@ -9,15 +9,26 @@ from .compat import alias_functional_tensor
 alias_functional_tensor()  # must precede the first `import basicsr`
 
 from . import archs, data, models  # noqa: E402,F401  (registration side effects)
+from .errors import (  # noqa: E402
+    CheckpointError,
+    ImageError,
+    MambaIRError,
+    OptionError,
+    OutOfMemory,
+    RestoreError,
+)
 from .version import __version__  # noqa: E402
 
-__all__ = ['__version__', 'load_model', 'restore']
+__all__ = ['__version__', 'CheckpointError', 'ImageError', 'MambaIRError', 'OptionError', 'OutOfMemory',
+           'RestoreError', 'RestoreModel', 'load_model', 'restore']
+
+_API = ('RestoreModel', 'load_model', 'restore')
 
 
 def __getattr__(name: str):
-    """``load_model`` / ``restore`` on first use: importing the package stays as cheap as importing BasicSR."""
-    if name in ('load_model', 'restore'):
-        from . import restoration
+    """The API (:mod:`.api`) on first use: importing the package stays as cheap as importing BasicSR."""
+    if name in _API:
+        from . import api
 
-        return getattr(restoration, name)
+        return getattr(api, name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import os.path as osp
 import sys
+
+from .errors import NothingToDo, OptionError
 
 
 def alias_functional_tensor() -> None:
@@ -97,11 +100,65 @@ def model_to_device(self, net):
     return net
 
 
+def _state_iter(filename: str) -> int | None:
+    stem = filename[:-len('.state')] if filename.endswith('.state') else None
+    return int(stem) if stem is not None and stem.isdigit() else None
+
+
+def load_resume_state(opt: dict):
+    """BasicSR's ``load_resume_state`` without its CUDA call, with ``weights_only`` loading.
+
+    With ``--auto_resume`` the newest state that loads (and whose network file exists) wins, so
+    a state half-written when a run was killed does not block resuming from the previous one.
+    """
+    import torch
+    from basicsr.utils.misc import check_resume
+
+    candidates: list[str] = []
+    if opt['auto_resume']:
+        state_dir = opt['path']['training_states']
+        if osp.isdir(state_dir):
+            iters = sorted((i for i in map(_state_iter, os.listdir(state_dir)) if i is not None), reverse=True)
+            candidates = [osp.join(state_dir, f'{i}.state') for i in iters]
+    elif opt['path'].get('resume_state'):
+        candidates = [osp.expanduser(opt['path']['resume_state'])]
+        if not osp.isfile(candidates[0]):
+            raise OptionError(f'path:resume_state not found: {candidates[0]}')
+
+    for state_path in candidates:
+        try:
+            state = torch.load(state_path, map_location='cpu', weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated file must not stop the resume
+            if not opt['auto_resume']:
+                raise OptionError(f'cannot read training state {state_path}: {e}') from None
+            print(f'Skipping unreadable training state {state_path}: {e}', file=sys.stderr, flush=True)
+            continue
+        nets = [k.replace('network_', '') for k in opt if k.startswith('network_')]
+        missing = [n for n in nets if not osp.isfile(osp.join(opt['path']['models'], f"net_{n}_{state['iter']}.pth"))]
+        if missing and opt['auto_resume']:
+            print(f'Skipping training state {state_path}: no net_{missing[0]}_{state["iter"]}.pth beside it',
+                  file=sys.stderr, flush=True)
+            continue
+        total = int(opt['train']['total_iter'])
+        if state['iter'] >= total:
+            raise NothingToDo(f"experiment '{opt['name']}' already finished ({state['iter']}/{total} iterations); "
+                              'nothing to resume')
+        opt['path']['resume_state'] = state_path
+        check_resume(opt, state['iter'])  # BasicSR's logger is not set up yet: it must not be called here
+        return state
+    if candidates:  # starting afresh would archive the experiment: let the user decide
+        raise OptionError(f'--auto_resume: no usable training state in {osp.dirname(candidates[0])} '
+                          f'({len(candidates)} found, none readable with its network file)')
+    return None
+
+
+
 _PATCHED = False
 
 
 def patch_basicsr() -> None:
-    """Install the CPU-safe pieces into BasicSR's pipeline (idempotent).
+    """Install the CPU-safe pieces into BasicSR's pipeline (idempotent): distributed init and DDP without
+    GPUs, and a resume that needs no GPU.
 
     Called by our train/test entry points, not at package import, so merely importing the
     plugin never changes BasicSR's behaviour.
@@ -109,6 +166,7 @@ def patch_basicsr() -> None:
     global _PATCHED
     if _PATCHED:
         return
+    import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
     from basicsr.models.base_model import BaseModel
@@ -116,4 +174,5 @@ def patch_basicsr() -> None:
     dist_util.init_dist = init_dist
     options.init_dist = init_dist
     BaseModel.model_to_device = model_to_device
+    basicsr.train.load_resume_state = load_resume_state
     _PATCHED = True

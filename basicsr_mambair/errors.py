@@ -7,12 +7,19 @@ an exit status (see ``cli/common.py``).
 
 from __future__ import annotations
 
-__all__ = ['MambaIRError', 'OptionError', 'NothingToDo', 'CheckpointError', 'RestoreError', 'ImageError',
-           'OutOfMemory', 'KernelUnavailable', 'NonFiniteLossError', 'ToolError']
+__all__ = ['MambaIRError', 'describe_error', 'OptionError', 'NothingToDo', 'CheckpointError', 'RestoreError',
+           'ImageError', 'OutOfMemory', 'KernelUnavailable', 'NonFiniteLossError', 'ToolError']
 
 
 class MambaIRError(Exception):
     """Base of every error the package raises on purpose; ``str(e)`` is one line for the user."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as one line: its message on one line, followed by ``(<path>)`` when it names a file."""
+    message = ' '.join(str(exc).split()) or type(exc).__name__
+    path = getattr(exc, 'path', None)
+    return f'{message} ({path})' if path else message
 
 
 class OptionError(MambaIRError):
@@ -32,7 +39,17 @@ class RestoreError(MambaIRError):
 
 
 class ImageError(MambaIRError):
-    """One image could not be restored (unreadable, unsupported layout, out of memory, ...)."""
+    """One image could not be read or restored (unreadable, unsupported layout, out of memory, ...).
+
+    ``path`` names the file when there is one (messages then read ``<what> (<path>)``).
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # keep ``path`` when raised in a worker process
+        return type(self), (str(self), self.path)
 
 
 class OutOfMemory(ImageError):
@@ -41,6 +58,9 @@ class OutOfMemory(ImageError):
     def __init__(self, message: str, suggested_tile: int) -> None:
         super().__init__(message)
         self.suggested_tile = suggested_tile
+
+    def __reduce__(self):
+        return type(self), (str(self), self.suggested_tile)
 
 
 class KernelUnavailable(MambaIRError, RuntimeError):

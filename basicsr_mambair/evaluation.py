@@ -7,6 +7,7 @@ BasicSR's ``test_pipeline`` only logs mean metrics per dataset; benchmark users 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os.path as osp
 
@@ -15,6 +16,8 @@ from basicsr.data import build_dataloader, build_dataset
 from basicsr.models import build_model
 from basicsr.utils import get_env_info, get_root_logger, get_time_str, make_exp_dirs
 from basicsr.utils.options import dict2str, parse_options
+
+from .utils.files import atomic_write_bytes
 
 # how each metric is printed: BasicSR's names -> (column title, decimals)
 _FORMATS = {'psnr': ('PSNR (dB)', 4), 'ssim': ('SSIM', 4), 'psnr_y': ('PSNR-Y (dB)', 4), 'ssim_y': ('SSIM-Y', 4)}
@@ -45,25 +48,26 @@ def published_style(results: dict[str, dict[str, float]]) -> str:
     return '\n'.join(lines)
 
 
+def _csv(rows: list[list]) -> bytes:
+    buffer = io.StringIO(newline='')
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode()
+
+
 def write_results(folder: str, results: dict[str, dict[str, float]],
                   per_image: dict[str, list[tuple[str, dict[str, float]]]]) -> str:
-    """Write ``results.md``, ``results.csv`` and ``per_image.csv`` into ``folder``; return the table."""
+    """Write ``results.md``, ``results.csv`` and ``per_image.csv`` into ``folder`` (atomically); return the table."""
     counts = {name: len(per_image.get(name, [])) for name in results}
     table = results_table(results, counts)
-    with open(osp.join(folder, 'results.md'), 'w') as f:
-        f.write(table + '\n\n' + published_style(results) + '\n')
     metrics = list(dict.fromkeys(m for values in results.values() for m in values))
-    with open(osp.join(folder, 'results.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['dataset', 'images', *metrics])
-        for name, values in results.items():
-            writer.writerow([name, counts[name], *(values.get(m, '') for m in metrics)])
-    with open(osp.join(folder, 'per_image.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['dataset', 'image', *metrics])
-        for name, rows in per_image.items():
-            for image, values in rows:
-                writer.writerow([name, image, *(values.get(m, '') for m in metrics)])
+    summary = [['dataset', 'images', *metrics]]
+    summary += [[name, counts[name], *(values.get(m, '') for m in metrics)] for name, values in results.items()]
+    rows = [['dataset', 'image', *metrics]]
+    rows += [[name, image, *(values.get(m, '') for m in metrics)] for name, items in per_image.items()
+             for image, values in items]
+    atomic_write_bytes(osp.join(folder, 'results.md'), (table + '\n\n' + published_style(results) + '\n').encode())
+    atomic_write_bytes(osp.join(folder, 'results.csv'), _csv(summary))
+    atomic_write_bytes(osp.join(folder, 'per_image.csv'), _csv(rows))
     return table
 
 

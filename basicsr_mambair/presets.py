@@ -1,4 +1,4 @@
-"""The official MambaIR / MambaIRUNet network configurations, by task name.
+"""The official MambaIR / MambaIRUNet network configurations by task name, and matching weights against them.
 
 ``network_g`` arguments are exactly those of the official test option files (spec Table A; the
 train files are identical up to ignored leftovers such as ``window_size``); the evaluation
@@ -11,13 +11,25 @@ Example::
     preset.crop_border, preset.test_y_channel  # (4, True)
 
 Names: ``classicSR_x2/x3/x4``, ``lightSR_x2/x3/x4``, ``colorDN_15/25/50``, ``CAR_10/30/40``, ``realDN``.
+
+:func:`matching_presets` says which presets a configuration (from
+:func:`basicsr_mambair.archs.support.infer_config`) is; :func:`explain_preset_mismatch` how a state dict
+differs from the closest one.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from .archs.support import constructor_defaults, detect_arch_type
+from .errors import CheckpointError
+from .utils.checkpoint import short_list, strip_module_prefix
 
 
 @dataclass(frozen=True)
@@ -132,3 +144,66 @@ def get_preset(name: str) -> Preset:
     if name.lower() in by_lower:
         return by_lower[name.lower()]
     raise KeyError(f"unknown MambaIR task preset {name!r}; known: {', '.join(PRESETS)}")
+
+
+def matching_presets(arch_type: str, config: Mapping[str, Any]) -> list[str]:
+    """Names of the official presets whose network has exactly ``config`` (as returned by ``infer_config``).
+
+    Several presets share one network (``colorDN_15/25/50``, ``CAR_10/30/40``): all are returned, in
+    :data:`PRESETS` order; ``[]`` for a config of no official task.
+    """
+    names = []
+    for name, preset in PRESETS.items():
+        if preset.arch_type != arch_type:
+            continue
+        full = {**constructor_defaults(arch_type), **preset.kwargs}
+        if all(full.get(key) == value for key, value in config.items()):
+            names.append(name)
+    return names
+
+
+@functools.cache
+def _preset_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(key, shape) of every entry of the state dict of the preset's network (built once on the CPU)."""
+    net = PRESETS[name].build()
+    return tuple((key, tuple(value.shape)) for key, value in net.state_dict().items())
+
+
+def explain_preset_mismatch(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """How ``state_dict`` differs from the official preset it comes closest to, in one line.
+
+    Closest = most keys with the preset's name and shape, among the presets of the state dict's arch family
+    when its keys show one (else among all). The text names that preset (and those sharing its network),
+    how many of its keys agree, and the first few wrongly shaped, missing and unexpected keys.
+    """
+    state_dict = strip_module_prefix(state_dict)
+    ours = {key: tuple(value.shape) for key, value in state_dict.items()}
+    try:
+        family = detect_arch_type(state_dict)
+    except CheckpointError:
+        family = None
+    candidates = [p for p in PRESETS.values() if p.arch_type == family] or list(PRESETS.values())
+    networks: dict[tuple[str, str], list[str]] = {}  # presets sharing one network (colorDN_15/25/50) count once
+    for preset in candidates:
+        networks.setdefault((preset.arch_type, repr(preset.kwargs)), []).append(preset.name)
+    groups = {_preset_shapes(names[0]): names for names in networks.values()}
+
+    def score(shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[int, int]:
+        agree = sum(ours.get(key) == want for key, want in shapes)
+        return agree, -(len(shapes) + len(ours) - 2 * agree)  # most agreeing keys, then fewest others
+
+    shapes, names = max(groups.items(), key=lambda item: score(item[0]))
+    theirs = dict(shapes)
+    label = '/'.join(names)
+    wrong = [f'{k} {ours[k]} vs {v}' for k, v in theirs.items() if k in ours and ours[k] != v]
+    missing = [k for k in theirs if k not in ours]
+    unexpected = [k for k in ours if k not in theirs]
+    parts = [f'closest official preset: {label} ({PRESETS[names[0]].arch_type}; {score(shapes)[0]} of its '
+             f'{len(theirs)} keys agree)']
+    if wrong:
+        parts.append(f'wrongly shaped ({len(wrong)}; checkpoint vs preset): {short_list(wrong)}')
+    if missing:
+        parts.append(f'missing ({len(missing)}): {short_list(missing)}')
+    if unexpected:
+        parts.append(f'unexpected ({len(unexpected)}): {short_list(unexpected)}')
+    return '; '.join(parts)

@@ -6,7 +6,7 @@ import sys
 if __name__ == '__main__' and not __package__:  # run as a file: import the package, not its sub-folders
     sys.path[0] = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
-from basicsr_mambair.launch import main_train  # noqa: E402
+from basicsr_mambair.cli.train import main_train  # noqa: E402
 
 if __name__ == '__main__':
     sys.exit(main_train())

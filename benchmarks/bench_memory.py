@@ -2,7 +2,7 @@
 
 The peak bytes allocated during a forward (``torch.profiler`` memory events) at two input sizes
 give the growth per pixel (the slope) and the fixed part (the intercept); ``mambair-restore
---tile auto`` plans with :func:`basicsr_mambair.restoration.activation_bytes_per_pixel`, which should
+--tile auto`` plans with :attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel`, which should
 lie a little above the slope.
 
     python benchmarks/bench_memory.py [--sides 48 96]
@@ -15,8 +15,9 @@ import os
 
 import torch
 
+from basicsr_mambair.archs.support import describe
+from basicsr_mambair.memory import measure_peak_bytes
 from basicsr_mambair.presets import get_preset
-from basicsr_mambair.restoration import activation_bytes_per_pixel, measure_peak_bytes
 
 PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realDN')
 
@@ -39,7 +40,7 @@ def main() -> None:
         fixed = peaks[small] - slope * small ** 2
         width = preset.kwargs.get('embed_dim') or 2 * preset.kwargs['dim']
         d_inner = int(float(preset.kwargs.get('mlp_ratio', 2.0)) * width)
-        estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs)
+        estimate = describe(preset.arch_type, preset.kwargs).bytes_per_pixel
         print(f'| {name} | {d_inner} | {slope / 1000:.1f} | {fixed / 1e6:.1f} | {estimate / 1000:.1f} |', flush=True)
 
 

@@ -22,7 +22,7 @@ from machine import describe
 CHILD = r'''
 import json, resource, sys, time
 import torch
-from basicsr_mambair.inference import forward_tiled
+from basicsr_mambair.tiling import forward_tiled
 from basicsr_mambair.presets import get_preset
 
 size, tile, threads = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REFERENCE_FILES, arch_class, constructor_args
+from helpers import REFERENCE_FILES, arch_class, constructor_args
 
 import basicsr_mambair  # noqa: F401  (registers the archs)
 from basicsr_mambair.archs.mambair_arch import MambaIR
+from basicsr_mambair.archs.support import FAMILIES, constructor_defaults, family, infer_config
+from basicsr_mambair.errors import CheckpointError
 from basicsr_mambair.models.mambair_model import MambaIRModel
 from basicsr_mambair.presets import PRESETS
-from basicsr_mambair.utils.checkpoint import CheckpointError, infer_config, load_checked, read_state_dict
+from basicsr_mambair.utils.checkpoint import load_checked, read_state_dict
 
 
 def assert_inferred(state_dict: dict, arch_type: str, kwargs: dict) -> None:
@@ -32,23 +34,53 @@ def x2_reference(reference_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- infer_config
 
 
-@pytest.mark.parametrize('name', list(PRESETS))
-def test_infer_config_of_every_preset(name: str) -> None:
-    preset = PRESETS[name]
-    net = arch_class(preset.arch_type)(**preset.kwargs)
-    assert_inferred(net.state_dict(), preset.arch_type, preset.kwargs)
+# (arch type, constructor arguments): every official preset and unusual variants of each family. Each must
+# round-trip: infer the config from the state dict, build that (plus the arguments that leave no trace in the
+# weights, e.g. img_range), load strictly, and give the same output (spandrel's assert_loads_correctly).
+_NETWORKS = {(p.arch_type, repr(p.kwargs)): (name, p) for name, p in reversed(PRESETS.items())}  # colorDN_* share one
+ROUND_TRIPS = [
+    *[pytest.param(p.arch_type, p.kwargs, id=name) for name, p in reversed(_NETWORKS.values())],
+    pytest.param('MambaIR', {'in_chans': 1, 'embed_dim': 48, 'depths': [1, 2, 1], 'd_state': 6, 'mlp_ratio': 1.5,
+                             'upscale': 8, 'upsampler': 'pixelshuffle', 'resi_connection': '3conv',
+                             'patch_norm': False}, id='mambair-x8-3conv-gray-no-patch-norm'),
+    pytest.param('MambaIR', {'in_chans': 1, 'embed_dim': 30, 'depths': [2], 'd_state': 4, 'mlp_ratio': 1.2,
+                             'upscale': 1, 'img_range': 255.0}, id='mambair-car-img-range-255'),
+    pytest.param('MambaIR', {'embed_dim': 40, 'depths': [1, 1, 1, 1, 1], 'd_state': 8, 'mlp_ratio': 2.5,
+                             'upscale': 3, 'upsampler': 'pixelshuffledirect'}, id='mambair-light-x3-five-groups'),
+    pytest.param('MambaIRUNet', {'dim': 32, 'num_blocks': [1, 2, 1, 2], 'num_refinement_blocks': 1,
+                                 'mlp_ratio': 1.2, 'bias': True}, id='unet-bias-other-depths'),
+    pytest.param('MambaIRUNet', {'inp_channels': 3, 'out_channels': 6, 'dim': 32, 'num_blocks': [1, 1, 1, 1],
+                                 'num_refinement_blocks': 0, 'mlp_ratio': 2.0, 'dual_pixel_task': True},
+                 id='unet-dual-pixel'),
+]
+
+
+@pytest.mark.parametrize(('arch_type', 'kwargs'), ROUND_TRIPS)
+def test_config_inference_round_trips(arch_type: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    net = arch_class(arch_type)(**kwargs).eval()
+    assert_inferred(net.state_dict(), arch_type, kwargs)
+    _, inferred = infer_config(net.state_dict())
+    untraced = {k: kwargs[k] for k in family(arch_type).untraced if k in kwargs}
+    again = arch_class(arch_type)(**inferred, **untraced).eval()
+    again.load_state_dict(net.state_dict(), strict=True)
+    channels = kwargs.get('in_chans', kwargs.get('inp_channels', 3))
+    x = torch.rand(1, channels, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), net(x))
+
+
+@pytest.mark.parametrize('arch_type', list(FAMILIES))
+def test_untraced_arguments_are_the_constructor_defaults(arch_type: str) -> None:
+    """What a network loaded from weights gets for the arguments the weights cannot tell (written in code)."""
+    defaults = constructor_defaults(arch_type)
+    assert family(arch_type).untraced and all(defaults[k] == v for k, v in family(arch_type).untraced.items())
 
 
 @pytest.mark.parametrize('name', REFERENCE_FILES)
 def test_infer_config_of_reference_checkpoints(reference_dir: Path, name: str) -> None:
     ref = torch.load(reference_dir / name, weights_only=True)
     assert_inferred(ref['state_dict'], ref['arch_type'], ref['kwargs'])
-
-
-def test_infer_config_round_trips_unusual_configs() -> None:
-    kwargs = {'in_chans': 1, 'embed_dim': 48, 'depths': [1, 2, 1], 'd_state': 6, 'mlp_ratio': 1.5, 'upscale': 8,
-              'upsampler': 'pixelshuffle', 'resi_connection': '3conv', 'patch_norm': False}
-    assert_inferred(MambaIR(**kwargs).state_dict(), 'MambaIR', kwargs)
 
 
 def test_infer_config_names_inconsistent_keys(x2_reference: dict) -> None:

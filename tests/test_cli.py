@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, cli_command, cli_env, run_cli
+from helpers import REPO, cli_command, cli_env, run_cli
 from tiny_experiments import make_sr_pairs, sr_train_options, write_options
 
 # A small, real MambaIR (lightweight-SR head; channel attention needs >= 30 channels) through the pipeline.

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCAN_OPTION_CASES, assert_close, scan_with_grads
+from helpers import SCAN_OPTION_CASES, assert_close, scan_with_grads
 
 from basicsr_mambair.errors import KernelUnavailable
 from basicsr_mambair.ops import scan as ss

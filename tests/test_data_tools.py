@@ -8,9 +8,9 @@ import cv2
 import lmdb
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
-from basicsr_mambair.tools import extract_subimages, make_jpeg, make_lmdb, make_lr
+from basicsr_mambair.cli import extract_subimages, make_jpeg, make_lmdb, make_lr
 
 TOOLS = {
     'mambair-extract-subimages': extract_subimages,

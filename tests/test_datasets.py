@@ -15,7 +15,7 @@ from basicsr.data import build_dataset
 from basicsr.utils import img2tensor
 from torch.utils.data import DataLoader
 
-from basicsr_mambair.tools import make_jpeg, make_lmdb, make_lr
+from basicsr_mambair.cli import make_jpeg, make_lmdb, make_lr
 
 DISK = {'type': 'disk'}
 

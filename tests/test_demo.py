@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from basicsr.utils.registry import ARCH_REGISTRY
-from conftest import run_cli
+from helpers import run_cli
 
-from basicsr_mambair.demo import NETWORK, VAL_PHOTOS
-from basicsr_mambair.inference import forward_tiled, tile_starts
+from basicsr_mambair.cli.demo import NETWORK, VAL_PHOTOS
+from basicsr_mambair.tiling import forward_tiled, tile_starts
 from basicsr_mambair.utils.checkpoint import read_state_dict
 
 pytestmark = pytest.mark.slow

@@ -8,10 +8,10 @@ import cv2
 import pytest
 import torch
 from basicsr.archs import build_network
-from conftest import run_cli
+from helpers import run_cli
 from tiny_experiments import load_options, write_options
 
-from basicsr_mambair.inference import forward_official_tiles, forward_self_ensemble, forward_tiled, tile_starts
+from basicsr_mambair.tiling import forward_official_tiles, forward_self_ensemble, forward_tiled, tile_starts
 
 # BasicSR's calculate_psnr/ssim on ../shared/data, MATLAB-bicubic upsampling (shared/data/README.md)
 BICUBIC_REFERENCE = {

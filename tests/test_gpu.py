@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_FILES, REPO, arch_class, assert_close, cli_env, run_cli, scan_with_grads
+from helpers import REFERENCE_FILES, REPO, arch_class, assert_close, cli_env, run_cli, scan_with_grads
 
 import basicsr_mambair  # noqa: F401  (registers the archs)
-from basicsr_mambair.ops import get_backend, scan_backend, selective_scan, selective_scan_reference
-from basicsr_mambair.restoration import available_memory, load_model, restore
+from basicsr_mambair.api import load_model, restore
+from basicsr_mambair.memory import available_memory
+from basicsr_mambair.ops import scan as ss
+from basicsr_mambair.ops.scan import get_backend, scan_backend, selective_scan, selective_scan_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-ss = sys.modules['basicsr_mambair.ops.selective_scan']
 
 
 @pytest.fixture
@@ -44,9 +45,9 @@ def scan_inputs(length: int, device: str, seed: int = 0) -> dict:
 def test_auto_scan_on_cuda_matches_float64_reference(length):
     """auto on CUDA tensors: mamba_ssm's kernel where it imports, else the torch backend on the GPU;
     outputs and all gradients to 1e-5 of the float64 evaluation (on the CPU)."""
-    ss._reset_state()
+    ss.reset()
     backend = get_backend('cuda')
-    assert backend == ('cuda' if ss._load_mamba() is not None else 'torch')
+    assert backend == ('cuda' if ss.cuda.unavailable_reason() is None else 'torch')
     t = scan_inputs(length, 'cuda', seed=length)
     y, last, grads = scan_with_grads(selective_scan, t)
     assert y.is_cuda and all(g.is_cuda for g in grads.values())
@@ -58,7 +59,7 @@ def test_auto_scan_on_cuda_matches_float64_reference(length):
 
 
 def test_compiled_request_with_cuda_tensors_falls_back_with_one_warning():
-    ss._reset_state()
+    ss.reset()
     t = scan_inputs(30, 'cuda')
     args = [t[k] for k in ('u', 'delta', 'A', 'B', 'C')]
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REFERENCE_FILES, arch_class
+from helpers import REFERENCE_FILES, arch_class
 
 import basicsr_mambair  # noqa: F401  (registers the archs)
 from basicsr_mambair.archs import ss2d as ss2d_module

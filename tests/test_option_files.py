@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from basicsr_mambair.data.util import encode_jpeg
-from basicsr_mambair.tools.make_lr import imresize_matlab
+from basicsr_mambair.utils.matlab_resize import imresize_matlab
 
 ALL_OPTIONS = sorted((REPO / 'options').glob('*/*.yml'))
 ALL_IDS = [p.name for p in ALL_OPTIONS]
@@ -193,7 +193,7 @@ def test_parses_checks_and_builds(path, mini_root, monkeypatch):
     from basicsr.data import build_dataset
     from basicsr.utils.options import parse_options
 
-    from basicsr_mambair.launch import check_options, read_option_file
+    from basicsr_mambair.options import check_options, read_option_file
 
     is_train = path.name.startswith('train_')
     monkeypatch.chdir(mini_root)  # the roots are relative to the working directory

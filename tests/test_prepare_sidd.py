@@ -8,7 +8,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from scipy.io import savemat
 
 

@@ -7,7 +7,7 @@ import math
 import cv2
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from tiny_experiments import load_options, write_options
 
 from basicsr_mambair.archs.mambairunet_arch import MambaIRUNet

@@ -13,23 +13,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE_FILES, arch_class, constructor_args, run_cli
+from helpers import REFERENCE_FILES, arch_class, constructor_args, run_cli
 
 import basicsr_mambair  # noqa: F401  (registers the archs; before `import basicsr`)
-from basicsr_mambair import restore_cli
-from basicsr_mambair.inference import forward_tiled
+from basicsr_mambair.api import load_model, restore
+from basicsr_mambair.archs.support import describe
+from basicsr_mambair.archs.support.mambair import BYTES_PER_INNER_CHANNEL
+from basicsr_mambair.cli import restore as restore_cli
+from basicsr_mambair.errors import CheckpointError, OutOfMemory
+from basicsr_mambair.memory import FIXED_BYTES, choose_tile, measure_peak_bytes
 from basicsr_mambair.presets import PRESETS
-from basicsr_mambair.restoration import (
-    BYTES_PER_INNER_CHANNEL,
-    FIXED_BYTES,
-    OutOfMemory,
-    activation_bytes_per_pixel,
-    choose_tile,
-    load_model,
-    measure_peak_bytes,
-    restore,
-)
-from basicsr_mambair.utils.checkpoint import CheckpointError
+from basicsr_mambair.tiling import forward_tiled
 
 NOT_SHAPING = ('img_size', 'img_range', 'drop_path_rate', 'drop_rate', 'use_checkpoint', 'norm_layer', 'patch_size')
 
@@ -237,9 +231,9 @@ def test_mambairv2_checkpoint_is_not_supported(reference_dir: Path, tmp_path: Pa
     ref = torch.load(reference_dir / 'mambairv2_lightSR_x2.pt', weights_only=True)
     torch.save({'params': ref['state_dict']}, tmp_path / 'v2.pth')
     assert restore_cli.main([str(tmp_path), '-o', str(tmp_path / 'out'), '--weights', str(tmp_path / 'v2.pth')]) == 2
-    assert one_error_line(capsys.readouterr().err) == (
-        'mambair-restore: error: MambaIRv2Light checkpoints are not supported: basicsr-mambair implements MambaIR '
-        'and MambaIRUNet only')
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith('mambair-restore: error: not a MambaIR-family state dict (first keys: '
+                           'relative_position_index_SA, ') and 'closest official preset' in line
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -265,8 +259,8 @@ def test_bad_images_do_not_stop_the_others(images: Path, checkpoints, tmp_path: 
     assert proc.returncode == 1
     errors = sorted(line for line in proc.stderr.splitlines() if line.strip())
     assert errors == sorted([
-        f'mambair-restore: error: cannot read image: not an image file, truncated, or a format OpenCV cannot '
-        f'decode ({folder / name})' for name in ('broken.png', 'empty.jpg')] + [
+        f'mambair-restore: error: cannot decode image: not an image file, truncated, or a format OpenCV cannot '
+        f'read ({folder / name})' for name in ('broken.png', 'empty.jpg')] + [
         f'mambair-restore: error: no such file or folder ({tmp_path / "missing.png"})',
         f'mambair-restore: error: no files match this pattern ({tmp_path / "none*.png"})',
     ]), proc.stderr
@@ -504,7 +498,7 @@ def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
     small, large = 48, 96
     peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
     per_pixel = (peaks[large] - peaks[small]) / (large ** 2 - small ** 2)
-    estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs)
+    estimate = describe(preset.arch_type, preset.kwargs).bytes_per_pixel
     assert per_pixel <= estimate <= 2 * per_pixel, (per_pixel, estimate)
     assert peaks[small] - per_pixel * small ** 2 <= FIXED_BYTES  # scan work buffers and the like
 
@@ -512,15 +506,16 @@ def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
 def test_choose_tile_fits_the_memory(checkpoints) -> None:
     _, net = checkpoints('lightSR_x2')
     model = load_model(net.state_dict(), device='cpu')
-    per_pixel = activation_bytes_per_pixel('MambaIR', model.kwargs)
+    per_pixel = describe('MambaIR', model.kwargs).bytes_per_pixel
     assert per_pixel == BYTES_PER_INNER_CHANNEL * 72 + 4 * 4 * 2 * 3
-    assert choose_tile(model, 500, 400, available=64 << 30) == 0  # fits: whole image
-    tile = choose_tile(model, 2000, 3000, available=4 << 30)
+    assert choose_tile(model.info, model.device, 500, 400, available=64 << 30) == 0  # fits: whole image
+    tile = choose_tile(model.info, model.device, 2000, 3000, available=4 << 30)
     assert tile % 8 == 0 and 64 <= tile < 2000
     image_buffers = 4 * 2000 * 3000 * (2 * 3 + 3 * 4 * 4)
     assert FIXED_BYTES + image_buffers + tile ** 2 * per_pixel <= 0.5 * (4 << 30)
     assert FIXED_BYTES + image_buffers + (tile + 8) ** 2 * per_pixel > 0.5 * (4 << 30)
-    assert choose_tile(model, 2000, 3000, overlap=32, available=1 << 20) == 64  # never below 2 x overlap
+    tile = choose_tile(model.info, model.device, 2000, 3000, overlap=32, available=1 << 20)
+    assert tile == 64  # never below 2 x overlap
 
 
 def test_oom_error_is_raised_by_the_api(checkpoints, monkeypatch) -> None:
@@ -548,8 +543,8 @@ def test_help_and_lazy_exports(capsys) -> None:
                  '--compare', '--overwrite', 'realDN', 'CAR_40'):
         assert flag in out
     # `import basicsr_mambair` does not import them (test_cli checks the modules it imports); first use does
-    from basicsr_mambair import restoration
+    from basicsr_mambair import api
 
-    assert basicsr_mambair.load_model is restoration.load_model and basicsr_mambair.restore is restoration.restore
+    assert basicsr_mambair.load_model is api.load_model and basicsr_mambair.restore is api.restore
     with pytest.raises(AttributeError, match='no attribute'):
         basicsr_mambair.restoring  # noqa: B018

@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCAN_GRAD_NAMES as GRAD_NAMES
-from conftest import SCAN_OPTION_CASES, assert_close
-from conftest import scan_with_grads as run
+from helpers import SCAN_GRAD_NAMES as GRAD_NAMES
+from helpers import SCAN_OPTION_CASES, assert_close
+from helpers import scan_with_grads as run
 
 from basicsr_mambair.ops import scan as ss
 from basicsr_mambair.ops.scan import chunked, cuda, get_backend, scan_backend, selective_scan, selective_scan_reference

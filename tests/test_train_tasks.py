@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 from tiny_experiments import write_options
 
-from basicsr_mambair.tools import make_jpeg, make_lr
+from basicsr_mambair.cli import make_jpeg, make_lr
 
 # channel attention squeezes by 30: 30 channels is the smallest width the CAB allows. Training crops
 # stay small (LQ 16-24 px): the CPU scan's cost grows quickly with the number of pixels.

@@ -20,20 +20,11 @@ import torch.utils.checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
+from .arch_util import map_to_tokens, tokens_to_map
 from .vss_block import VSSBlock
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted from 3-channel inputs (not a parameter)
 NUM_FEAT = 64  # width of the classic-SR reconstruction head
-
-
-def tokens_to_map(x: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
-    """(B, H*W, C) row-major tokens -> (B, C, H, W) (a view when possible)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x_size[0], x_size[1])
-
-
-def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C) row-major tokens (a view)."""
-    return x.flatten(2).transpose(1, 2)
 
 
 def make_resi_connection(dim: int, resi_connection: str) -> nn.Module:

@@ -32,8 +32,7 @@ import torch
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
-from ..inference import pad_to_multiple
-from .mambair_arch import map_to_tokens, tokens_to_map
+from .arch_util import map_to_tokens, pad_to_multiple, tokens_to_map
 from .vss_block import VSSBlock
 
 SIZE_MULTIPLE = 8  # 2 ** (number of downsamplings)

@@ -27,24 +27,16 @@ with ``d_inner = int(expand * d_model)`` and ``dt_rank = ceil(d_model / 16)``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from basicsr_mambair.ops import selective_scan
+from ..ops.scan import selective_scan
+from .arch_util import autocast_disabled
 
 NUM_DIRECTIONS = 4
-
-
-def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
-    """A context in which autocast is off for ``device_type`` (a no-op where autocast does not exist)."""
-    is_available = getattr(torch.amp, 'is_autocast_available', None)
-    if is_available is not None and not is_available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +166,7 @@ class SS2D(nn.Module):
 
         # The scan always runs in float32, also under fp16/bf16 autocast or in a half-precision model:
         # exp(dt * A) and the long recurrence lose too much in 16 bits (the official CUDA call is fp32 too).
-        with _autocast_disabled(x.device.type):
+        with autocast_disabled(x.device.type):
             ys = selective_scan(
                 xs.float().view(b, -1, length),
                 dts.float().view(b, -1, length),

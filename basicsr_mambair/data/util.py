@@ -1,9 +1,10 @@
 """Helpers shared by our datasets and the data-preparation tools (what BasicSR's data utilities lack).
 
 BasicSR lists every file of a folder (``paths_from_folder`` would hand a ``README.txt`` to the
-image decoder), ``imfrombytes`` returns ``None`` for an unreadable file (the failure surfaces later
-as an obscure ``NoneType`` error), and its datasets draw random numbers from the global numpy
-state. These helpers fill exactly those gaps; everything else comes from BasicSR.
+image decoder; we list with :func:`basicsr_mambair.image_io.list_images`), ``imfrombytes`` returns
+``None`` for an unreadable file (the failure surfaces later as an obscure ``NoneType`` error), and
+its datasets draw random numbers from the global numpy state. These helpers fill exactly those gaps;
+everything else comes from BasicSR.
 """
 
 from __future__ import annotations
@@ -15,22 +16,7 @@ import zlib
 import cv2
 import numpy as np
 
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm')
-
-
-def is_image_file(name: str) -> bool:
-    """Whether ``name`` has an image extension we read (case-insensitive)."""
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def list_images(folder: str) -> list[str]:
-    """Sorted file names (not paths) of the images directly inside ``folder``; clear errors otherwise."""
-    if not osp.isdir(folder):
-        raise FileNotFoundError(f'image folder not found: {folder}')
-    names = sorted(n for n in os.listdir(folder) if is_image_file(n) and osp.isfile(osp.join(folder, n)))
-    if not names:
-        raise FileNotFoundError(f'no images ({", ".join(IMG_EXTENSIONS)}) in {folder}')
-    return names
+from ..image_io import list_images
 
 
 def read_meta_info(path: str) -> list[str]:
@@ -65,7 +51,7 @@ def gt_paths(opt: dict) -> list[str]:
         return lmdb_keys(root)
     if opt.get('meta_info_file'):
         return [osp.join(root, name) for name in read_meta_info(opt['meta_info_file'])]
-    return [osp.join(root, name) for name in list_images(root)]
+    return [str(path) for path in list_images(root)]
 
 
 def decode_image(content: bytes | None, flag: str, path: str) -> np.ndarray:

@@ -29,12 +29,10 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
-from ..inference import forward_official_tiles, forward_self_ensemble, forward_tiled, pad_to_multiple
-from ..utils.checkpoint import load_checked, read_state_dict, save_atomic
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; continuing would only write broken checkpoints."""
+from ..archs.arch_util import pad_to_multiple
+from ..errors import NonFiniteLossError
+from ..tiling import forward_official_tiles, forward_self_ensemble, forward_tiled
+from ..utils.checkpoint import load_checked, read_state_dict, save_atomic, strip_module_prefix
 
 
 @MODEL_REGISTRY.register()
@@ -70,7 +68,7 @@ class MambaIRModel(SRModel):
         save_dict = {}
         for net_, key in zip(nets, keys):
             state = self.get_bare_model(net_).state_dict()
-            save_dict[key] = {k[len('module.'):] if k.startswith('module.') else k: v.cpu() for k, v in state.items()}
+            save_dict[key] = {k: v.cpu() for k, v in strip_module_prefix(state).items()}
         name = f"{net_label}_{'latest' if current_iter == -1 else current_iter}.pth"
         save_atomic(save_dict, osp.join(self.opt['path']['models'], name))
 

@@ -1,15 +1,5 @@
-"""Utilities: checkpoint reading, recognition and checked loading."""
+"""Utilities: checkpoint reading, checked loading and atomic saving; atomic files; MATLAB's bicubic resize."""
 
-from .checkpoint import (
-    CheckpointError,
-    LoadReport,
-    detect_arch_type,
-    explain_preset_mismatch,
-    infer_config,
-    load_checked,
-    matching_presets,
-    read_state_dict,
-)
+from .checkpoint import LoadReport, load_checked, read_state_dict, save_atomic, strip_module_prefix
 
-__all__ = ['CheckpointError', 'LoadReport', 'detect_arch_type', 'explain_preset_mismatch', 'infer_config',
-           'load_checked', 'matching_presets', 'read_state_dict']
+__all__ = ['LoadReport', 'load_checked', 'read_state_dict', 'save_atomic', 'strip_module_prefix']

@@ -6,11 +6,13 @@ Shapes follow ``mamba_ssm``'s ``selective_scan_fn``: u, delta (batch, dim, L); A
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Callable, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ...errors import KernelUnavailable
 
 ScanOut = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -59,3 +61,12 @@ def finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: 
     if z is not None:
         y = y.mul_(F.silu(z.to(y.dtype))) if inplace else y * F.silu(z.to(y.dtype))
     return y.to(out_dtype)
+
+
+def unavailable_reason(load: Callable[[], object]) -> str | None:
+    """Why a backend's ``load()`` fails (its :class:`KernelUnavailable` message), or None when it succeeds."""
+    try:
+        load()
+    except KernelUnavailable as exc:
+        return str(exc)
+    return None

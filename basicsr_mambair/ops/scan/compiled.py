@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ...errors import KernelUnavailable
-from . import chunked
+from . import chunked, common
 from .common import ScanOut, check_shapes, compute_dtype, finish, needs_graph
 from .reference import selective_scan_reference
 
@@ -191,11 +191,7 @@ def load() -> ctypes.CDLL:
 
 def unavailable_reason() -> str | None:
     """Why the kernel cannot be used here (one line), or None when it can; builds it on the first call."""
-    try:
-        load()
-    except KernelUnavailable as exc:
-        return str(exc)
-    return None
+    return common.unavailable_reason(load)
 
 
 def reset() -> None:

@@ -11,6 +11,7 @@ from typing import Callable
 from torch import Tensor
 
 from ...errors import KernelUnavailable
+from . import common
 from .common import ScanOut
 
 __all__ = ['load', 'reset', 'scan', 'unavailable_reason']
@@ -36,11 +37,7 @@ def load() -> Callable:
 
 def unavailable_reason() -> str | None:
     """Why ``mamba_ssm`` cannot be used (one line), or None when it imports."""
-    try:
-        load()
-    except KernelUnavailable as exc:
-        return str(exc)
-    return None
+    return common.unavailable_reason(load)
 
 
 def reset() -> None:

@@ -18,67 +18,27 @@ Output: ``OUTPUT/X{s}/{stem}x{s}.png`` for every ``--scale`` (``--no-suffix``: `
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-import numpy as np
+import cv2
 
-from ..utils.matlab_resize import matlab_weights_indices
-from .common import (
-    ToolError,
+from ..errors import ToolError
+from ..image_io import list_images, read_image
+from ..utils.matlab_resize import imresize_matlab
+from .data_tool import (
     add_common_arguments,
-    describe,
-    list_images,
     parallel_map,
     prepare_output_dir,
-    read_image,
     require_uint8,
     run_tool,
+    tool_parser,
     write_png,
 )
 
 PROG = 'mambair-make-lr'
-
-
-def resize_axis(img: np.ndarray, axis: int, scale: float, to_uint8: bool) -> np.ndarray:
-    """Resize ``img`` along ``axis`` (0 = rows, 1 = columns) by ``scale`` (< 1 shrinks).
-
-    Sums run over the kernel taps in order, in float64, like MATLAB's ``imresizemex``; with
-    ``to_uint8`` the result is rounded half away from zero and saturated to 0..255.
-    """
-    in_length = img.shape[axis]
-    out_length = math.ceil(in_length * scale)
-    weights, indices = matlab_weights_indices(in_length, out_length, scale)
-    src = np.moveaxis(np.asarray(img, dtype=np.float64), axis, 0)
-    extra = (1,) * (src.ndim - 1)
-    out = weights[:, 0].reshape(-1, *extra) * src[indices[:, 0]]
-    for k in range(1, weights.shape[1]):
-        out += weights[:, k].reshape(-1, *extra) * src[indices[:, k]]
-    out = np.moveaxis(out, 0, axis)
-    if to_uint8:
-        out = np.floor(np.clip(out, 0, 255) + 0.5).astype(np.uint8)
-    return out
-
-
-def imresize_matlab(img: np.ndarray, scale: int, per_pass_uint8: bool = True) -> np.ndarray:
-    """The bicubic LR of a uint8 image (HxW or HxWxC) at factor ``scale``, as MATLAB makes it.
-
-    The image is mod-cropped to a multiple of ``scale`` first (top-left kept, as ``modcrop.m``).
-    ``per_pass_uint8``: MATLAB on uint8 input (the benchmark files); False: on double input,
-    rounded to uint8 once at the end.
-    """
-    from basicsr.data.transforms import mod_crop
-
-    if img.dtype != np.uint8:
-        raise ValueError(f'imresize_matlab needs a uint8 image, got {img.dtype}')
-    hr = mod_crop(img, scale)
-    if min(hr.shape[:2]) < scale:
-        raise ValueError(f'image {img.shape[1]}x{img.shape[0]} is smaller than the scale {scale}')
-    rows = resize_axis(hr, 0, 1 / scale, per_pass_uint8)
-    return resize_axis(rows, 1, 1 / scale, True)
 
 
 def lr_file_name(stem: str, scale: int, suffix: bool) -> str:
@@ -90,7 +50,7 @@ def make_one(path: Path, output: Path, scales: Sequence[int], suffix: bool, per_
     """Write the LR versions of one image (and its mod-cropped HR)."""
     from basicsr.data.transforms import mod_crop
 
-    img = require_uint8(read_image(path), path)
+    img = require_uint8(read_image(path, cv2.IMREAD_UNCHANGED), path)
     for scale in scales:
         try:
             lr = imresize_matlab(img, scale, per_pass_uint8)
@@ -110,7 +70,7 @@ def make_lr(input_dir: Path, output_dir: Path, scales: Sequence[int], suffix: bo
         raise ToolError(f'scales must be integers >= 2, got {scales}')
     if hr_out is not None and len(scales) != 1:
         raise ToolError('--hr-out needs exactly one --scale (the mod-crop depends on the scale)')
-    paths = list_images(input_dir)
+    paths = list_images(input_dir, 'input folder')
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
@@ -125,12 +85,9 @@ def make_lr(input_dir: Path, output_dir: Path, scales: Sequence[int], suffix: bo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n'
-               f'  {PROG} datasets/DF2K/HR datasets/DF2K/LR_bicubic --scale 2 3 4\n'
-               f'  {PROG} datasets/SR/Set5/original datasets/SR/Set5/LR_bicubic --scale 4 '
-               '--hr-out datasets/SR/Set5/HR')
+    parser = tool_parser(PROG, __doc__, [
+        'datasets/DF2K/HR datasets/DF2K/LR_bicubic --scale 2 3 4',
+        'datasets/SR/Set5/original datasets/SR/Set5/LR_bicubic --scale 4 --hr-out datasets/SR/Set5/HR'])
     parser.add_argument('input', type=Path, help='folder of HR images (8-bit)')
     parser.add_argument('output', type=Path, help='folder that receives X<s>/ sub-folders')
     parser.add_argument('-s', '--scale', type=int, nargs='+', required=True, help='downscaling factor(s), e.g. 2 3 4')

@@ -1,12 +1,12 @@
-"""What every data-preparation tool shares: image listing and I/O with clear errors, output-folder
-safety (no silent overwrite), a process pool with a progress bar, and a one-line error exit."""
+"""What every data-preparation tool shares: output-folder safety (no silent overwrite), a process pool with a
+progress bar, common arguments, and the one-line error exit of :mod:`.common`. Image listing and I/O come
+from :mod:`basicsr_mambair.image_io`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from multiprocessing import Pool
 from pathlib import Path
@@ -16,33 +16,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..data.util import is_image_file
-
-
-class ToolError(Exception):
-    """A problem with the input or output that the user must fix (printed as one line)."""
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Sorted image files directly inside ``folder`` (other files, e.g. a README, are ignored)."""
-    if not folder.is_dir():
-        raise ToolError(f'input folder not found: {folder}')
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p.name))
-    if not paths:
-        raise ToolError(f'no images in {folder}')
-    return paths
-
-
-def read_image(path: Path, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """``cv2.imread`` (any path, also non-ASCII) that raises a clear error for an unreadable file."""
-    try:
-        content = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as e:
-        raise ToolError(f'cannot read {path}: {e.strerror}') from None
-    img = cv2.imdecode(content, flag) if content.size else None
-    if img is None:
-        raise ToolError(f'cannot decode image {path} (corrupt or not an image)')
-    return img
+from ..errors import ToolError
+from ..image_io import write_image
+from .common import EXIT_NOTHING_RAN, EXIT_OK, error, run_command
 
 
 def require_uint8(img: np.ndarray, path: Path) -> np.ndarray:
@@ -51,19 +27,9 @@ def require_uint8(img: np.ndarray, path: Path) -> np.ndarray:
     return img
 
 
-def write_bytes(path: Path, content: bytes) -> None:
-    try:
-        path.write_bytes(content)
-    except OSError as e:
-        raise ToolError(f'cannot write {path}: {e.strerror}') from None
-
-
 def write_png(path: Path, img: np.ndarray, compression: int = 3) -> None:
-    """Lossless PNG (``compression`` 0-9 trades size for speed, not quality)."""
-    ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
-    if not ok:
-        raise ToolError(f'OpenCV could not PNG-encode {path.name} (shape {img.shape}, {img.dtype})')
-    write_bytes(path, buf.tobytes())
+    """Lossless PNG, written atomically (``compression`` 0-9 trades size for speed, not quality)."""
+    write_image(path, img, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
@@ -113,6 +79,14 @@ def describe(doc: str) -> str:
     return doc.strip().replace('``', '')
 
 
+def tool_parser(prog: str, doc: str, examples: Sequence[str], heading: str = 'examples') -> argparse.ArgumentParser:
+    """A tool's parser: ``doc`` (its module docstring) as the description, ``examples`` (command lines after
+    the program name) in the epilog."""
+    epilog = f'{heading}:\n' + ''.join(f'  {prog} {example}\n' for example in examples)
+    return argparse.ArgumentParser(prog=prog, description=describe(doc), epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser,
                          overwrite_help: str = 'write into existing non-empty output folders (same-named files '
                          'are replaced)') -> None:
@@ -124,22 +98,23 @@ def add_common_arguments(parser: argparse.ArgumentParser,
 
 def run_tool(prog: str, work: Callable[[argparse.Namespace], str], parser: argparse.ArgumentParser,
              argv: Sequence[str] | None) -> int:
-    """Parse ``argv``, run ``work(args)`` and print its summary line; user errors become one line, exit 2."""
+    """Parse ``argv``, run ``work(args)`` and print its summary line; user errors become one line (exit 2)."""
     args = parser.parse_args(argv)
     if getattr(args, 'workers', 1) < 1:
         parser.error('--workers must be at least 1')
     # OpenCV logs its own decoder complaints to stderr; our error line names the file instead
     previous = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    def body() -> int:
+        try:
+            summary = work(args)
+        except OSError as e:  # reading or writing a file (full disk, permissions): one line, nothing more
+            error(prog, f'{e.strerror or e}' + (f': {e.filename}' if e.filename else ''))
+            return EXIT_NOTHING_RAN
+        print(summary)
+        return EXIT_OK
+
     try:
-        summary = work(args)
-    except ToolError as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f'{prog}: interrupted', file=sys.stderr)
-        return 130
+        return run_command(prog, body)
     finally:
         cv2.utils.logging.setLogLevel(previous)
-    print(summary)
-    return 0

@@ -20,17 +20,16 @@ from pathlib import Path
 import cv2
 
 from ..data.util import encode_jpeg
-from .common import (
-    ToolError,
+from ..errors import ToolError
+from ..image_io import list_images, read_image
+from ..utils.files import atomic_write_bytes
+from .data_tool import (
     add_common_arguments,
-    describe,
-    list_images,
     parallel_map,
     prepare_output_dir,
-    read_image,
     require_uint8,
     run_tool,
-    write_bytes,
+    tool_parser,
     write_png,
 )
 
@@ -42,7 +41,7 @@ def make_one(path: Path, output: Path, qualities: Sequence[int], gray: bool, wri
     """Write the JPEGs (and the clean PNG) of one image."""
     img = require_uint8(read_image(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR), path)
     for quality in qualities:
-        write_bytes(output / 'LQ' / str(quality) / f'{path.stem}.jpg', encode_jpeg(img, quality))
+        atomic_write_bytes(output / 'LQ' / str(quality) / f'{path.stem}.jpg', encode_jpeg(img, quality))
     if write_hq:
         write_png(output / 'HQ' / f'{path.stem}.png', img)
 
@@ -53,7 +52,7 @@ def make_jpeg(input_dir: Path, output_dir: Path, qualities: Sequence[int] = OFFI
     qualities = list(dict.fromkeys(qualities))
     if not all(1 <= q <= 100 for q in qualities):
         raise ToolError(f'JPEG qualities must be in 1..100, got {qualities}')
-    paths = list_images(input_dir)
+    paths = list_images(input_dir, 'input folder')
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
@@ -68,11 +67,8 @@ def make_jpeg(input_dir: Path, output_dir: Path, qualities: Sequence[int] = OFFI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n'
-               f'  {PROG} downloads/classic5 datasets/JPEG_CAR/Classic5\n'
-               f'  {PROG} datasets/DFWB/HQ_color datasets/DFWB_CAR --quality 10 30 40')
+    parser = tool_parser(PROG, __doc__, ['downloads/classic5 datasets/JPEG_CAR/Classic5',
+                                         'datasets/DFWB/HQ_color datasets/DFWB_CAR --quality 10 30 40'])
     parser.add_argument('input', type=Path, help='folder of clean images')
     parser.add_argument('output', type=Path, help='folder that receives HQ/ and LQ/<quality>/')
     parser.add_argument('-q', '--quality', type=int, nargs='+', default=list(OFFICIAL_QUALITIES),

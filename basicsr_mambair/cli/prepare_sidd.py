@@ -22,15 +22,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..data.util import is_image_file
-from .common import (
-    ToolError,
+from ..errors import ToolError
+from ..image_io import is_image_file, read_image
+from .data_tool import (
     add_common_arguments,
-    describe,
     parallel_map,
-    read_image,
     remove_output,
     run_tool,
+    tool_parser,
     write_png,
 )
 from .make_lmdb import make_lmdb
@@ -69,7 +68,7 @@ def find_pairs(root: Path) -> list[tuple[Path, Path]]:
 def crop_pair(pair: tuple[Path, Path], out: Path, patch: int, overlap: int) -> int:
     """Write the patches of one pair; returns how many."""
     noisy_path, clean_path = pair
-    noisy, clean = read_image(noisy_path), read_image(clean_path)
+    noisy, clean = read_image(noisy_path, cv2.IMREAD_UNCHANGED), read_image(clean_path, cv2.IMREAD_UNCHANGED)
     if noisy.shape != clean.shape:
         raise ToolError(f'{noisy_path} and {clean_path} differ in size: {noisy.shape} vs {clean.shape}')
     stem = noisy_path.stem.replace(NOISY_TAG, '_')
@@ -143,12 +142,8 @@ def prepare_val(src: Path, out: Path, overwrite: bool = False) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=describe(__doc__.split('\n\n', 1)[1]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n'
-               f'  {PROG} train SIDD_Medium_Srgb/Data datasets/SIDD/train -j 8\n'
-               f'  {PROG} val path/with/mat/files datasets/SIDD/val')
+    parser = tool_parser(PROG, __doc__.split('\n\n', 1)[1], ['train SIDD_Medium_Srgb/Data datasets/SIDD/train -j 8',
+                                                             'val path/with/mat/files datasets/SIDD/val'])
     sub = parser.add_subparsers(dest='command', required=True)
     train = sub.add_parser('train', help='crop SIDD-Medium sRGB pairs into overlapping patches')
     train.add_argument('input', type=Path, help='SIDD_Medium_Srgb/Data (one folder per scene)')

@@ -1,4 +1,4 @@
-"""Whole-image, tiled and self-ensemble inference for any restoration network.
+"""Tiled and self-ensemble inference for any restoration network (blended tiles, the official tiling, x8).
 
 All functions take LQ tensors (B, C, H, W) and return (B, C, H*scale, W*scale) on the input's
 device; the network runs under whatever grad mode the caller chose.
@@ -134,16 +134,3 @@ def forward_self_ensemble(forward: Forward, lq: torch.Tensor) -> torch.Tensor:
         out = _dihedral(forward(_dihedral(lq, k)), k, inverse=True)
         total = out if total is None else total + out
     return total / 8
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad (..., H, W) at the bottom/right to multiples of ``multiple`` by reflection (crop the result back).
-
-    Reflection needs the pad to be smaller than the side; tiny sides are padded by edge replication.
-    """
-    h, w = x.shape[-2:]
-    pad_h, pad_w = -h % multiple, -w % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    mode = 'reflect' if pad_h < h and pad_w < w else 'replicate'
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)

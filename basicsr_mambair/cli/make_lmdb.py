@@ -20,15 +20,14 @@ from pathlib import Path
 
 import cv2
 
-from .common import (
-    ToolError,
+from ..errors import ToolError
+from ..image_io import list_images, read_image
+from .data_tool import (
     add_common_arguments,
-    describe,
-    list_images,
     parallel_map,
-    read_image,
     remove_output,
     run_tool,
+    tool_parser,
 )
 
 PROG = 'mambair-make-lmdb'
@@ -49,7 +48,7 @@ def check_key(key: str, path: Path) -> None:
 
 def encode_one(path: Path, compress_level: int) -> tuple[bytes, tuple[int, int, int]]:
     """PNG bytes and (h, w, c) of one image."""
-    img = read_image(path)
+    img = read_image(path, cv2.IMREAD_UNCHANGED)
     ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
     if not ok:
         raise ToolError(f'OpenCV could not PNG-encode {path}')
@@ -68,7 +67,7 @@ def make_lmdb(input_dir: Path, lmdb_path: Path, strip_suffix: str = '', compress
         raise ToolError(f'--compress-level must be in 0..9, got {compress_level}')
     if batch < 1:
         raise ToolError(f'--batch must be positive, got {batch}')
-    paths = list_images(input_dir)
+    paths = list_images(input_dir, 'input folder')
     keys = [lmdb_key(p.stem, strip_suffix) for p in paths]
     for key, path in zip(keys, paths):
         check_key(key, path)
@@ -95,12 +94,10 @@ def make_lmdb(input_dir: Path, lmdb_path: Path, strip_suffix: str = '', compress
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples:\n'
-               f'  {PROG} datasets/DF2K/HR_sub datasets/DF2K/HR_sub.lmdb\n'
-               f'  {PROG} datasets/DF2K/LR_bicubic/X2_sub datasets/DF2K/LR_bicubic_X2_sub.lmdb\n'
-               f'  {PROG} datasets/SR/Set5/LR_bicubic/X2 datasets/SR/Set5/LR_X2.lmdb --strip-suffix x2')
+    parser = tool_parser(PROG, __doc__, [
+        'datasets/DF2K/HR_sub datasets/DF2K/HR_sub.lmdb',
+        'datasets/DF2K/LR_bicubic/X2_sub datasets/DF2K/LR_bicubic_X2_sub.lmdb',
+        'datasets/SR/Set5/LR_bicubic/X2 datasets/SR/Set5/LR_X2.lmdb --strip-suffix x2'])
     parser.add_argument('input', type=Path, help='folder of images')
     parser.add_argument('output', type=Path, help='the LMDB folder to create, ending in .lmdb')
     parser.add_argument('--strip-suffix', default='', metavar='SUFFIX',

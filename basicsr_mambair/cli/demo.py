@@ -54,7 +54,7 @@ def build_dataset(root: Path) -> dict[str, Path]:
     """Write ``{train,val}/HR`` and ``{train,val}/LR_bicubic/X2`` PNGs (mod-cropped HR, MATLAB bicubic LR)."""
     import cv2
 
-    from .tools.make_lr import imresize_matlab
+    from ..utils.matlab_resize import imresize_matlab
 
     folders = {}
     for split, names in (('train', TRAIN_PHOTOS), ('val', VAL_PHOTOS)):

@@ -1,6 +1,6 @@
 """``mambair-restore``: restore your own images (files, folders, globs) with a MambaIR checkpoint, on CPU or GPU.
 
-The work is done by :mod:`basicsr_mambair.restoration`; this module reads and writes the files, shows
+The work is done by :mod:`basicsr_mambair.api`; this module reads and writes the files, shows
 progress, and turns every failure into one line ``mambair-restore: error: <what> (<file>)``. A failing
 image does not stop the others; the exit status is 0 if all were restored (or skipped), 1 if any failed,
 2 for a problem before the first image (options, checkpoint, device).
@@ -15,15 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __name__ == '__main__' and not __package__:  # run as a file: import the package, not its sub-folders
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import numpy as np
 
 import basicsr_mambair  # noqa: F401  (before `import basicsr`: torchvision alias; registers the archs)
 
+from ..errors import ImageError, MambaIRError
+from ..image_io import IMAGE_EXTENSIONS, read_image, write_image
+from .common import EXIT_INTERRUPTED, EXIT_NOTHING_RAN, EXIT_OK, EXIT_SOME_FAILED, error, note
+
 PROG = 'mambair-restore'
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pnm', '.jp2')
 EPILOG = """\
 examples:
   mambair-restore photos/ -o restored/ --weights MambaIR_SR4.pth
@@ -42,7 +42,7 @@ configs. Tasks: {tasks}."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import preset_names
+    from ..presets import preset_names
 
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -79,34 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Failure(Exception):
-    """One input that cannot be restored; ``str`` is the message, ``path`` the file."""
-
-    def __init__(self, message: str, path: str) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-def _error(message: str, path: str | None = None) -> None:
-    from tqdm import tqdm
-
-    where = f' ({path})' if path else ''
-    tqdm.write(f'{PROG}: error: {" ".join(message.split())}{where}', file=sys.stderr)
-
-
-def _note(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f'{PROG}: {message}', file=sys.stderr)
-
-
-def expand_inputs(inputs: Sequence[str], outdir: Path, suffix: str) -> list[str | _Failure]:
-    """Files to restore, in the given order; entries that name nothing become :class:`_Failure` items.
+def expand_inputs(inputs: Sequence[str], outdir: Path, suffix: str) -> list[str | ImageError]:
+    """Files to restore, in the given order; entries that name nothing become :class:`ImageError` items.
 
     Folders contribute their files with an image extension (sorted, not recursive), minus our own outputs
     when the folder is ``outdir``; glob patterns their matching files; plain paths are taken as they are.
     """
-    items: list[str | _Failure] = []
+    items: list[str | ImageError] = []
     ours = (f'_{suffix}.png', f'_{suffix}_compare.png')
     for entry in inputs:
         if os.path.isdir(entry):
@@ -114,59 +93,23 @@ def expand_inputs(inputs: Sequence[str], outdir: Path, suffix: str) -> list[str 
             names = sorted(n for n in os.listdir(entry) if n.lower().endswith(IMAGE_EXTENSIONS)
                            and os.path.isfile(os.path.join(entry, n)) and not (is_outdir and n.endswith(ours)))
             if not names:
-                items.append(_Failure('no image files in this folder', entry))
+                items.append(ImageError('no image files in this folder', entry))
             items.extend(os.path.join(entry, n) for n in names)
         elif os.path.exists(entry):
             items.append(entry)
         elif glob.has_magic(entry):
             matches = sorted(m for m in glob.glob(entry) if os.path.isfile(m))
-            items.extend(matches or [_Failure('no files match this pattern', entry)])
+            items.extend(matches or [ImageError('no files match this pattern', entry)])
         else:
-            items.append(_Failure('no such file or folder', entry))
+            items.append(ImageError('no such file or folder', entry))
     return items
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file as OpenCV gives it (BGR(A) or gray, 8/16-bit kept); JPEGs turned by their EXIF orientation."""
-    import cv2
-
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # not cv2.imread: it fails silently on non-ASCII paths
-    except OSError as exc:
-        raise _Failure(f'cannot read the file: {exc.strerror or exc}', path) from None
-    is_jpeg = data[:3].tobytes() == b'\xff\xd8\xff'
-    # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores EXIF orientation; JPEGs have neither
-    flags = cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH if is_jpeg else cv2.IMREAD_UNCHANGED
-    log = getattr(cv2.utils, 'logging', None)
-    previous = log.getLogLevel() if log else None
-    if log:  # OpenCV prints its own warnings for broken files; ours is the one line below
-        log.setLogLevel(log.LOG_LEVEL_SILENT)
-    try:
-        image = cv2.imdecode(data, flags) if data.size else None
-    finally:
-        if log:
-            log.setLogLevel(previous)
-    if image is None:
-        raise _Failure('cannot read image: not an image file, truncated, or a format OpenCV cannot decode', path)
-    return image
-
-
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Write ``image`` (BGR(A)/gray, uint8/uint16) as PNG, atomically: an interrupted run leaves no partial file."""
-    import cv2
-
+    """Write ``image`` (BGR(A)/gray, uint8/uint16/float) as PNG, atomically: never a partial file under ``path``."""
     if image.dtype == np.float32:  # float inputs (e.g. float TIFF): PNG has no float, keep 16 bits
         image = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
-    ok, data = cv2.imencode('.png', image)
-    if not ok:
-        raise OSError(f'cannot encode {path.name} as PNG')
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        data.tofile(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_image(path, image)
 
 
 def side_by_side(shown_input: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -202,8 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``mambair-restore``; returns the exit status."""
     from tqdm import tqdm
 
-    from .restoration import ImageError, RestoreError, _restore_array, load_model
-    from .utils.checkpoint import CheckpointError
+    from ..api import load_model, restore_array
 
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # inputs may come before, between or after the options
@@ -218,19 +160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model(args.weights, task=args.task, opt=args.opt, device=args.device, precision=precision,
                            param_key=args.param_key)
-    except (CheckpointError, RestoreError, FileNotFoundError) as exc:
-        _error(str(exc))
-        return 2
+    except (MambaIRError, FileNotFoundError) as exc:
+        error(PROG, str(exc))
+        return EXIT_NOTHING_RAN
     except Exception as exc:  # noqa: BLE001  (anything else before the first image: still one line)
-        _error(f'{type(exc).__name__}: {exc}')
-        return 2
+        error(PROG, exc)
+        return EXIT_NOTHING_RAN
     suffix = args.suffix if args.suffix is not None else _default_suffix(model)
     outdir = Path(args.output)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        _error(f'cannot create the output folder: {exc.strerror or exc}', str(outdir))
-        return 2
+        error(PROG, f'cannot create the output folder: {exc.strerror or exc}', str(outdir))
+        return EXIT_NOTHING_RAN
 
     items = expand_inputs(args.inputs, outdir, suffix)
     if not args.quiet:
@@ -240,15 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar = tqdm(items, desc='images', unit='image', disable=True if args.quiet else None, file=sys.stderr)
     for item in bar:
         try:
-            if isinstance(item, _Failure):
+            if isinstance(item, ImageError):
                 raise item
             path = item
             bar.set_postfix_str(os.path.basename(path))
             target = outdir / f'{Path(path).stem}_{suffix}.png'
             if target in written:
-                raise _Failure(f'{target.name} was already written from {written[target]} in this run', path)
+                raise ImageError(f'{target.name} was already written from {written[target]} in this run', path)
             if target.exists() and not args.overwrite:
-                _note(f'skipped: {target} exists (use --overwrite to replace it) ({path})')
+                note(PROG, f'skipped: {target} exists (use --overwrite to replace it) ({path})')
                 skipped += 1
                 continue
             image = read_image(path)
@@ -264,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tiles.update(n_done - tiles.n)
 
             try:
-                result, shown = _restore_array(model, image, tile=tile, tile_overlap=args.tile_overlap, bgr=True,
+                result, shown = restore_array(model, image, tile=tile, tile_overlap=args.tile_overlap, bgr=True,
                                                progress=progress, with_input=args.compare)
             finally:
                 if tiles is not None:
@@ -274,26 +216,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.compare:
                 write_png(target.with_name(f'{target.stem}_compare.png'), side_by_side(shown, result))
             done += 1
-        except _Failure as exc:
-            _error(str(exc), exc.path)
-            failed += 1
-        except ImageError as exc:
-            _error(str(exc), item)
+        except ImageError as exc:  # the input's own path, or the file the error names
+            error(PROG, str(exc), exc.path or item)
             failed += 1
         except OSError as exc:
-            _error(f'cannot write the result: {exc.strerror or exc}', item)
+            error(PROG, f'cannot write the result: {exc.strerror or exc}', item)
             failed += 1
         except KeyboardInterrupt:
             bar.close()
-            _note('interrupted')
-            return 130
+            note(PROG, 'interrupted')
+            return EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001  (one image's bug must not stop the folder)
-            _error(f'{type(exc).__name__}: {exc}', item)
+            error(PROG, exc, item)
             failed += 1
     bar.close()
     if not args.quiet:
         print(f'{PROG}: {done} restored, {skipped} skipped, {failed} failed -> {outdir}', flush=True)
-    return 1 if failed else 0
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 if __name__ == '__main__':

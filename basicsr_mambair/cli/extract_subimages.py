@@ -19,17 +19,17 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from .common import (
-    ToolError,
+from ..errors import ToolError
+from ..image_io import list_images, read_image
+from .data_tool import (
     add_common_arguments,
-    describe,
-    list_images,
     parallel_map,
     prepare_output_dir,
-    read_image,
     run_tool,
+    tool_parser,
     write_png,
 )
 
@@ -55,7 +55,7 @@ def subimage_stem(stem: str, scale: int) -> str:
 def extract_one(path: Path, out_dir: Path, crop: int, step: int, thresh: int, scale: int,
                 compression: int) -> int:
     """Write the sub-images of one image; returns how many (0 if it is smaller than ``crop``)."""
-    img = read_image(path)
+    img = read_image(path, cv2.IMREAD_UNCHANGED)
     h, w = img.shape[:2]
     stem = subimage_stem(path.stem, scale)
     index = 0
@@ -83,7 +83,7 @@ def extract_subimages(input_dir: Path, output_dir: Path, crop_size: int = 480, s
         raise ToolError('crop size and step must be positive, the threshold not negative')
     if not 0 <= compression <= 9:
         raise ToolError(f'--compression-level must be in 0..9, got {compression}')
-    paths = list_images(input_dir)
+    paths = list_images(input_dir, 'input folder')
     stems = [subimage_stem(p.stem, scale) for p in paths]
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
@@ -96,11 +96,9 @@ def extract_subimages(input_dir: Path, output_dir: Path, crop_size: int = 480, s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='examples (BasicSR DIV2K recipe):\n'
-               f'  {PROG} datasets/DIV2K/HR datasets/DIV2K/HR_sub\n'
-               f'  {PROG} datasets/DIV2K/LR_bicubic/X2 datasets/DIV2K/LR_bicubic/X2_sub --scale 2')
+    parser = tool_parser(PROG, __doc__, ['datasets/DIV2K/HR datasets/DIV2K/HR_sub',
+                                         'datasets/DIV2K/LR_bicubic/X2 datasets/DIV2K/LR_bicubic/X2_sub --scale 2'],
+                         heading='examples (BasicSR DIV2K recipe)')
     parser.add_argument('input', type=Path, help='folder of images')
     parser.add_argument('output', type=Path, help='folder for the sub-images (created)')
     parser.add_argument('--crop-size', type=int, default=480, help='sub-image side in HR pixels (default 480)')

@@ -1,1 +1,0 @@
-"""Data-preparation command-line tools (console scripts ``mambair-*``)."""
