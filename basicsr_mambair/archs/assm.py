@@ -9,7 +9,8 @@ Routing modes (:data:`ROUTING_MODES`; ``None`` = ``'gumbel'`` in ``train()``, ``
 * ``'gumbel'``: the official straight-through Gumbel-softmax (``F.gumbel_softmax``, tau 1): the class
   is the argmax of the noisy soft assignment; the noise comes from the global torch RNG.
 * ``'deterministic'``: the class is the argmax of the route log-probabilities (no noise); gradients
-  reach the route through the same straight-through estimator, on the noiseless softmax.
+  reach the route through the same straight-through estimator, on the noiseless softmax. (The
+  network also runs a batch one image at a time in this mode, see ``MambaIRv2.forward``.)
 
 Both modes sort with a **stable** sort (the official ``torch.sort(stable=False)`` orders the tokens of a
 class arbitrarily, spec 2.10), so the deterministic output is a function of the input alone.
@@ -147,13 +148,16 @@ class ASSM(nn.Module):
 
     def route_tokens(self, x: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classes (B, L) int64 and prompts (B, L, N) of the tokens x (B, L, C), from the prompt pool (T, N)."""
-        logp = self.route(x)  # (B, L, T) log-probabilities
+        logits = self.route[:-1](x)  # (B, L, T); route[-1] is the LogSoftmax
         if self.active_routing() == 'gumbel':
-            soft = F.gumbel_softmax(logp, tau=1.0, hard=False, dim=-1)
+            soft = F.gumbel_softmax(self.route[-1](logits), tau=1.0, hard=False, dim=-1)
             classes = soft.argmax(dim=-1)
         else:
-            classes = logp.argmax(dim=-1)
-            soft = logp.softmax(dim=-1) if logp.requires_grad else None
+            # The argmax of the log-probabilities, taken on the logits: log_softmax subtracts a common
+            # constant whose rounding can tie or even swap near-equal values (measured: 7 ties and 2 swaps
+            # among 506,880 routed tokens of one Set14 image), the logits give the most probable class exactly.
+            classes = logits.argmax(dim=-1)
+            soft = logits.softmax(dim=-1) if logits.requires_grad else None
         prompt = pool[classes]  # exactly the official one-hot @ pool, without the T-wide product
         if soft is not None and soft.requires_grad:
             # Straight-through: zero in value, but the gradient reaches the route as through the official
@@ -172,7 +176,11 @@ class ASSM(nn.Module):
         classes, prompt = self.route_tokens(x, pool)
         idx, inv = sort_permutation(classes)
 
-        v = self.in_proj(x.transpose(1, 2).reshape(b, c, h, w))
+        # The 1x1 conv in_proj as the equal matmul on the tokens: oneDNN's 1x1 convolution of an NCHW map
+        # rounds differently for 1 and 2 threads, the matmul does not (a 1-ulp change can flip a route).
+        conv = self.in_proj[0]
+        v = F.linear(x, conv.weight.flatten(1), conv.bias)  # (B, L, hidden)
+        v = v.transpose(1, 2).reshape(b, self.hidden, h, w)
         v = (v * torch.sigmoid(self.CPE(v))).flatten(2)  # (B, hidden, L)
         v = v.gather(2, idx.unsqueeze(1).expand(-1, self.hidden, -1))  # sorted by class
         y = self.selectiveScan(v, prompt)  # (B, hidden, L), prompts NOT permuted (official)

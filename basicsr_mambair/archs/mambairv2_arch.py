@@ -385,8 +385,24 @@ class MambaIRv2(nn.Module):
             t = layer(t, x_size, params)
         return tokens_to_map(self.norm(t), x_size)
 
+    def routes_deterministically(self) -> bool:
+        """Whether a forward now routes some layer without noise (``routing`` and the train/eval mode)."""
+        return any(m.active_routing() == 'deterministic' for m in self.modules() if isinstance(m, ASSM))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) in [0, 1] -> (B, in_chans, upscale*H, upscale*W) (not clamped)."""
+        """(B, in_chans, H, W) in [0, 1] -> (B, in_chans, upscale*H, upscale*W) (not clamped).
+
+        With deterministic routing a batch runs one image at a time, so that an image's output does not
+        depend on the batch it comes in: batched kernels round differently from unbatched ones (oneDNN's
+        3-channel ``conv_first`` does on CPU, cuBLAS/cuDNN may pick other algorithms on GPU), and one ulp
+        can flip a near-tie of a routing argmax, which re-sorts the tokens and moves the output by ~1e-3.
+        """
+        if x.shape[0] > 1 and self.routes_deterministically():
+            return torch.cat([self.forward_batch(x[i:i + 1]) for i in range(x.shape[0])])
+        return self.forward_batch(x)
+
+    def forward_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The official forward on the whole batch at once (shapes as :meth:`forward`)."""
         h0, w0 = x.shape[-2:]
         x = mirror_pad(x, self.window_size)  # before the normalisation, as officially
         h, w = x.shape[-2:]
