@@ -187,7 +187,7 @@ class AttentiveLayer(nn.Module):
         qkv = self.wqkv(x).reshape(b, h, w, 3 * c)
         if s > 0:
             qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
-        windows = window_partition(qkv, ws).view(-1, ws * ws, 3 * c)
+        windows = window_partition(qkv, ws).reshape(-1, ws * ws, 3 * c)
         attn = self.win_mhsa(windows, rpi=params['rpi_sa'], mask=params['attn_mask'] if s > 0 else None)
         out = window_reverse(attn.view(-1, ws, ws, c), ws, h, w)
         if s > 0:
