@@ -297,6 +297,15 @@ def test_odd_sizes_and_one_channel(in_chans: int, upsampler: str, upscale: int, 
     assert torch.equal(forward(model, x[1:].clone()), out[1:])
 
 
+def test_absolute_position_embedding_needs_the_img_size() -> None:
+    """``ape`` (officially unused): a learned (1, img_size^2, C) embedding, so the padded input must match it."""
+    model = MambaIRv2(ape=True, img_size=16, upscale=1, **TINY).eval()
+    assert model.absolute_pos_embed.shape == (1, 256, 24)
+    assert forward(model, torch.rand(1, 3, 13, 16)).shape == (1, 3, 13, 16)  # padded to 16 x 16
+    with pytest.raises(ValueError, match='ape: the padded input has 384 positions, the embedding 256'):
+        forward(model, torch.rand(1, 3, 24, 16))
+
+
 def test_mirror_pad_is_symmetric_padding() -> None:
     x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).view(2, 3, 5, 7)
     official = torch.cat([x, x.flip(2)], 2)[:, :, :8, :]  # the official formula, valid for pads <= the side
