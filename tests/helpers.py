@@ -35,6 +35,9 @@ def shared_dir(name: str) -> Path:
 # that the list covers every such file).
 REFERENCE_FILES = ['mambair_lightSR_x2.pt', 'tiny_mambair_CAR.pt', 'tiny_mambair_classicSR_x2.pt',
                    'tiny_mambair_classicSR_x3.pt', 'tiny_mambair_colorDN.pt', 'tiny_mambairunet.pt']
+# ... and of the official MambaIRv2 / MambaIRv2Light (test_mambairv2_arch checks this list the same way).
+V2_REFERENCE_FILES = ['mambairv2_lightSR_x2.pt', 'tiny_mambairv2_CAR.pt', 'tiny_mambairv2_SR_x2.pt',
+                      'tiny_mambairv2_SR_x3.pt', 'tiny_mambairv2_colorDN.pt', 'tiny_mambairv2light_x4.pt']
 
 CONSOLE_SCRIPTS = {
     'mambair-train': 'basicsr_mambair.train',

@@ -77,6 +77,33 @@ def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (y_rows + y_cols).contiguous()
 
 
+@torch.no_grad()
+def init_ssm_parameters(x_proj_weight: nn.Parameter, dt_projs_weight: nn.Parameter, dt_projs_bias: nn.Parameter,
+                        A_logs: nn.Parameter, Ds: nn.Parameter, dt_scale: float = 1.0, dt_init: str = 'random',
+                        dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> None:
+    """Official initialisation of the raw SSM parameters of K scan directions (SS2D: K = 4; MambaIRv2: K = 1).
+
+    Shapes: ``x_proj_weight`` (K, R + 2N, D), ``dt_projs_weight`` (K, D, R), ``dt_projs_bias`` (K, D),
+    ``A_logs`` (rows, N), ``Ds`` (rows,); R = dt rank, N = state size.
+    """
+    for weight in x_proj_weight:  # what nn.Linear(D, R + 2N, bias=False) would draw, per direction
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    std = dt_projs_weight.shape[-1] ** -0.5 * dt_scale
+    if dt_init == 'constant':
+        nn.init.constant_(dt_projs_weight, std)
+    elif dt_init == 'random':
+        nn.init.uniform_(dt_projs_weight, -std, std)
+    else:
+        raise ValueError(f"selective scan: dt_init must be 'random' or 'constant', got {dt_init!r}")
+    # Step sizes log-uniform in [dt_min, dt_max]; the bias is their inverse softplus so that
+    # softplus(bias) reproduces them at the first forward.
+    rand = torch.rand(dt_projs_bias.shape, device=dt_projs_bias.device)
+    dt = torch.exp(rand * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    A_logs.copy_(torch.log(torch.arange(1, A_logs.shape[-1] + 1, dtype=torch.float32)).expand_as(A_logs))
+    Ds.fill_(1.0)
+
+
 class SS2D(nn.Module):
     """2-D selective scan over four directions, gated by ``silu(z)`` (spec 1.5).
 
@@ -127,28 +154,9 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(d, d_model, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0.0 else None
 
-        self._reset_ssm_parameters(dt_scale, dt_init, dt_min, dt_max, dt_init_floor)
-
-    @torch.no_grad()
-    def _reset_ssm_parameters(self, dt_scale: float, dt_init: str, dt_min: float, dt_max: float,
-                              dt_init_floor: float) -> None:
-        """Official initialisation of the raw SSM parameters (the Linear/Conv/LN ones use torch defaults)."""
-        for weight in self.x_proj_weight:  # what nn.Linear(d_inner, R + 2N, bias=False) would draw
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        std = self.dt_rank ** -0.5 * dt_scale
-        if dt_init == 'constant':
-            nn.init.constant_(self.dt_projs_weight, std)
-        elif dt_init == 'random':
-            nn.init.uniform_(self.dt_projs_weight, -std, std)
-        else:
-            raise ValueError(f"SS2D: dt_init must be 'random' or 'constant', got {dt_init!r}")
-        # Step sizes log-uniform in [dt_min, dt_max]; the bias is their inverse softplus so that
-        # softplus(bias) reproduces them at the first forward.
-        rand = torch.rand(self.dt_projs_bias.shape, device=self.dt_projs_bias.device)
-        dt = torch.exp(rand * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
-        self.Ds.fill_(1.0)
+        # The Linear/Conv/LN parameters keep torch's default init.
+        init_ssm_parameters(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                            dt_scale, dt_init, dt_min, dt_max, dt_init_floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, d_model) channels-last -> (B, H, W, d_model)."""
