@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # the triton scan's kernels run in Triton's interpreter (test_triton_scan.py);
+    os.environ.setdefault('TRITON_INTERPRET', '1')  # Triton reads this when first imported, so set it first
+
 import basicsr_mambair  # noqa: F401  (before any `import basicsr`: torchvision alias for BasicSR 1.4.2)
 
 torch.set_num_threads(1)

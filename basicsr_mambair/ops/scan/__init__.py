@@ -115,10 +115,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             _warn_once('cuda-device', f'selective scan backend "cuda" needs CUDA tensors (got {device.type}); '
                                       'falling back to the pure PyTorch scan')
             name = 'torch'
-        elif (reason := cuda.unavailable_reason()) is not None:
-            _warn_once('cuda-import', f'selective scan backend "cuda": {reason}; '
-                                      'falling back to the pure PyTorch scan')
-            name = 'torch'
+        elif (reason := cuda.unavailable_reason()) is not None:  # what auto runs instead: triton or torch
+            name = get_backend(device)
+            _warn_once('cuda-import', f'selective scan backend "cuda": {reason}; falling back to the '
+                                      + ('triton scan' if name == 'triton' else 'pure PyTorch scan'))
     elif name == 'triton':
         if device.type != 'cuda':
             _warn_once('triton-device', f'selective scan backend "triton" needs CUDA tensors (got {device.type}); '
