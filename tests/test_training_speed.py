@@ -12,6 +12,7 @@ from test_cli import _error_line
 from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_train_options, write_options
 
 from basicsr_mambair.ops.scan import op, scan_backend, selective_scan
+from basicsr_mambair.restoration import load_model
 from basicsr_mambair.utils.amp import MixedPrecision, amp_dtype
 
 
@@ -146,6 +147,9 @@ def test_compile_option_compiles_in_place(tmp_path, sr_data):
         torch.testing.assert_close(model.net_g(x), eager(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match='network_g:compile must be'):
         build_model(dict(opt, network_g=dict(TINY_NETWORK, compile='yes')))
+    # mambair-restore --opt with such a file: the option is not the arch's, it is ignored there
+    restored = load_model(eager.state_dict(), opt={'network_g': dict(TINY_NETWORK, compile=True), 'scale': 2})
+    assert restored.scale == 2
 
 
 def test_selective_scan_is_one_node_when_compiled():
