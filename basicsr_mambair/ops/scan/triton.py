@@ -49,6 +49,7 @@ MIN_CHUNK_TILES = 8
 MAX_CHUNKS = 16
 # Tests set this to force a number of chunks (None: chosen from the GPU's size).
 FORCE_CHUNKS: int | None = None
+CHAIN_BLOCK = 256  # (channel, state) pairs per program of the chunk chaining
 
 _kernels: ModuleType | None = None
 _error: KernelUnavailable | None = None
@@ -218,11 +219,9 @@ def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         HAS_D=p.D is not None, SAVE_CKPT=save_ckpt, SAVE_END=save_end, num_warps=warps, **consts)
     if not save_end:
         return y, None, (ckpt if save_ckpt else None)
-    # chain the chunks: start[c + 1] = exp(A * sum of dt over chunk c) * start[c] + end[c]
-    decay = torch.exp(dtsum.unsqueeze(-1) * p.A)
-    starts = torch.zeros(p.batch, chunks + 1, p.dim, p.n, **f32)
-    for c in range(chunks):
-        torch.addcmul(end[:, c], decay[:, c], starts[:, c], out=starts[:, c + 1])
+    starts = torch.empty(p.batch, chunks + 1, p.dim, p.n, **f32)  # chunk start states; [:, chunks]: the last
+    k.scan_chain_kernel[(-(-p.dim * p.n // CHAIN_BLOCK), p.batch)](p.A, end, dtsum, starts, p.dim, chunks, N=p.n,
+                                                                   BLOCK=CHAIN_BLOCK)
     if chunks > 1:
         k.scan_fix_kernel[(blocks, p.batch, chunks - 1)](
             delta, p.A, C, y if p.bias is None else p.bias, starts, y, ckpt,

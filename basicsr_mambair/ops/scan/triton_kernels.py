@@ -10,9 +10,10 @@ along time are contiguous loads (coalesced).
 
 Long sequences with few channel blocks (batch 1, large images) would leave most of the GPU idle, so the
 forward can also cut time into chunks run by separate programs (grid axis 2): each chunk is scanned from a
-zero state (:func:`scan_fwd_kernel`), the chunk start states are chained on the host (a few (batch, dim, N)
-operations), and :func:`scan_fix_kernel` adds the part of y that the true start state contributes,
-``C . exp2(A log2e cumsum(dt)) h_start``: one exp per element and no scan, cheaper than rerunning the chunk.
+zero state (:func:`scan_fwd_kernel`), the chunk start states are chained (:func:`scan_chain_kernel`, a
+small sequential pass over (batch, dim, N) values), and :func:`scan_fix_kernel` adds the part of y that the
+true start state contributes, ``C . exp2(A log2e cumsum(dt)) h_start``: one exp per element and no scan,
+cheaper than rerunning the chunk.
 
 Training saves the state at the start of every tile (N / BLOCK_T of the inputs' size). The backward
 (:func:`scan_bwd_kernel`) walks the tiles in reverse: it recomputes the tile's states from its saved start,
@@ -124,6 +125,25 @@ def scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
     if SAVE_END:
         tl.store(end_ptr + ((b * n_chunks + c) * dim + d[:, None]) * N + n[None, :], h, mask=dn_mask)
         tl.store(dtsum_ptr + (b * n_chunks + c) * dim + d, dtsum)
+
+
+@triton.jit
+def scan_chain_kernel(A_ptr, end_ptr, dtsum_ptr, start_ptr, dim, n_chunks,
+                      N: tl.constexpr, BLOCK: tl.constexpr):
+    """Chunk start states from the chunks' local end states: start[0] = 0,
+    start[c + 1] = exp2(A log2e * sum of dt over chunk c) * start[c] + end[c], for BLOCK (channel, state) pairs
+    of one batch element. end: (batch, n_chunks, dim, N), dtsum: (batch, n_chunks, dim), start: (batch,
+    n_chunks + 1, dim, N); start[n_chunks] is the last state."""
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # index into (dim, N)
+    ok = i < dim * N
+    A2 = tl.load(A_ptr + i, mask=ok, other=0.0).to(tl.float32) * LOG2E
+    h = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c in range(n_chunks):
+        tl.store(start_ptr + (b * (n_chunks + 1) + c) * dim * N + i, h, mask=ok)
+        dts = tl.load(dtsum_ptr + (b * n_chunks + c) * dim + i // N, mask=ok, other=0.0)
+        h = tl.exp2(A2 * dts) * h + tl.load(end_ptr + (b * n_chunks + c) * dim * N + i, mask=ok, other=0.0)
+    tl.store(start_ptr + (b * (n_chunks + 1) + n_chunks) * dim * N + i, h, mask=ok)
 
 
 @triton.jit
@@ -264,4 +284,4 @@ def scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_p
         tl.store(dbias_ptr + b * dim + d, dbias)
 
 
-__all__ = ['scan_bwd_kernel', 'scan_fix_kernel', 'scan_fwd_kernel', 'triton']
+__all__ = ['scan_bwd_kernel', 'scan_chain_kernel', 'scan_fix_kernel', 'scan_fwd_kernel', 'triton']
