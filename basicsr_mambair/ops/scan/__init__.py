@@ -98,8 +98,9 @@ def _warn_once(key: str, message: str) -> None:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend a call on ``device`` runs: ``backend``, else the :func:`scan_backend` override, else
-    ``MAMBAIR_SCAN``, else ``auto``; a backend that cannot run there falls back to ``torch`` with one warning.
-    The first use of each backend is logged (BasicSR's ``basicsr`` logger)."""
+    ``MAMBAIR_SCAN``, else ``auto``; a backend that cannot run there falls back with one warning, to ``torch``
+    (``cuda`` without ``mamba_ssm``: to what ``auto`` picks, ``triton`` where it runs). The first use of each
+    backend is logged (BasicSR's ``basicsr`` logger)."""
     name = _check_name(backend or _override or os.environ.get(ENV_VAR, '') or 'auto')
     note = ''
     if name == 'auto':
