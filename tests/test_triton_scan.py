@@ -9,11 +9,13 @@ tiles (a few steps, two channels) to cross every boundary with short sequences; 
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import SCAN_OPTION_CASES, assert_close, scan_with_grads
+from conftest import REPO, SCAN_OPTION_CASES, assert_close, cli_env, scan_with_grads
 
 from basicsr_mambair.errors import KernelUnavailable
 from basicsr_mambair.ops import scan as ss
@@ -124,6 +126,20 @@ def test_shipped_tile_sizes(monkeypatch):
     check(make_inputs(batch=1, dim=24, n=4, length=70, seed=9))
 
 
+@pytest.mark.parametrize('b_groups', [2, 0], ids=['grouped', 'shared'])
+def test_deterministic_gradients(small_tiles, monkeypatch, b_groups):
+    """With torch.use_deterministic_algorithms(True) dB and dC are summed from per-block buffers (no atomics):
+    the same gradients as the atomic sums, and bit for bit the same in every run."""
+    inputs = make_inputs(dim=16, length=11, b_groups=b_groups, seed=6)
+    _, _, atomic = scan_with_grads(tb.scan, inputs)
+    monkeypatch.setattr(torch, 'are_deterministic_algorithms_enabled', lambda: True)
+    _, _, first = scan_with_grads(tb.scan, inputs)
+    _, _, second = scan_with_grads(tb.scan, inputs)
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
+        assert_close(first[k], atomic[k], 1e-6, f'd{k}')
+
+
 def test_gradient_from_last_state_only(small_tiles):
     inputs = make_inputs(length=19, seed=4)
     kw = dict(delta_bias=inputs['delta_bias'], delta_softplus=True, return_last_state=True)
@@ -191,3 +207,17 @@ def test_unavailable_without_triton_or_gpu(monkeypatch):
     tb.reset()
     assert tb.unavailable_reason() == 'no CUDA GPU (the triton backend scans CUDA tensors)'
     tb.reset()
+
+
+def test_kernels_compile_for_a_gpu_without_spilling(tmp_path):
+    """The kernels, with the shipped tiles, compile for an H100-class GPU (sm_90) here, without a GPU, and keep
+    their tiles in registers: the interpreter accepts code that the compiler rejects (benchmarks/
+    triton_registers.py; in a fresh process, as the compiler is off while TRITON_INTERPRET=1)."""
+    env = cli_env()
+    env.pop('TRITON_INTERPRET', None)
+    out = tmp_path / 'registers.json'
+    proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'triton_registers.py'), '--arch', '90', '--json',
+                           str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert len(report) == 5 and all(r['spill_bytes'] == 0 and r['registers'] <= 255 for r in report.values()), report

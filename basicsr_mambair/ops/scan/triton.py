@@ -27,20 +27,28 @@ from .reference import selective_scan_reference
 
 __all__ = ['load', 'reset', 'scan', 'unavailable_reason']
 
-# Tile sizes. A tile holds BLOCK_D x N x BLOCK_T float32 values per live tensor (N = 16 in MambaIR); the
-# forward keeps about five alive, the backward about eight, so tiles of 4096 (forward, 4 warps) and 4096
-# (backward, 8 warps) elements stay within 255 registers per thread (32 resp. 16 values per tensor).
+# Tile sizes. A program's tile is BLOCK_D x N x BLOCK_T float32 values per live tensor (N = 16 in MambaIR),
+# spread over its warps' threads; the registers a thread needs set how many warps fit on a multiprocessor
+# (65536 registers; at <= 128 per thread, 16 warps), and enough warps hide the latency of the scans'
+# shuffles and of memory.
 # - BLOCK_D channels share one load of the B and C tiles: B and C ((batch, G, N, L)) are read
 #   H / BLOCK_D times from L2 instead of H times (H = channels per group, 120 in light SR).
-# - INFER_BLOCK_T: time steps scanned in parallel per tile; larger tiles pay the per-tile carry (one
-#   reduction over the tile) less often.
-# - TRAIN_BLOCK_T: training saves the state at every tile start (N / TRAIN_BLOCK_T of the input size, 1/2
-#   at N = 16) and the backward recomputes a tile from it; the backward's larger live set wants a
-#   shorter tile, and the forward of a training step must use the same one.
-# The numbers are first estimates for an H100-class GPU; benchmarks/bench_gpu.py --sweep times others.
-INFER_BLOCK_T, INFER_BLOCK_D, INFER_WARPS = 64, 4, 4
+# - BLOCK_T time steps are scanned in parallel per tile; larger tiles pay the per-tile carry (one reduction
+#   over the tile) less often.
+# - Training saves the state at every TRAIN_BLOCK_T tile start (N / TRAIN_BLOCK_T of the input size, 1/2 at
+#   N = 16) and the backward recomputes a tile from it: both use the same tile length; the backward's live
+#   set (states, adjoints, decays of both, gradients) is about twice the forward's.
+# Registers per thread (ptxas for sm_90a, Triton 3.8, N 16, no spills): inference forward (4 x 16 x 64,
+# 8 warps) 128, training forward (4 x 16 x 32, 4 warps) 127, fix-up (as inference) 100, backward
+# (8 x 16 x 32, 8 warps) 242 (8 warps per SM; (4 x 16 x 32, 16 warps) needs 100). These are estimates
+# from code size, not timings: benchmarks/bench_gpu.py --sweep times alternatives on a GPU.
+INFER_BLOCK_T, INFER_BLOCK_D, INFER_WARPS = 64, 4, 8
 TRAIN_BLOCK_T, TRAIN_BLOCK_D, TRAIN_WARPS = 32, 4, 4
 BWD_BLOCK_D, BWD_WARPS = 8, 8
+# dB and dC sum over a group's channel blocks: atomically (fast; the order of the additions varies between
+# runs, as in mamba_ssm), or, when torch.use_deterministic_algorithms(True) is on or this is False, through
+# per-block buffers summed afterwards (reproducible; (batch, dim / BWD_BLOCK_D, N, L) float32 each).
+BWD_ATOMIC = True
 # Time chunks: with fewer than PROGRAMS_PER_SM programs per multiprocessor (batch 1, long sequences) the
 # forward also splits time into chunks scanned in parallel and stitched together (see triton_kernels).
 # Each chunk keeps at least MIN_CHUNK_TILES tiles, so the stitching stays a small part of the work.
@@ -242,20 +250,33 @@ def _backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
     du, ddelta = torch.empty(2, p.batch, p.dim, p.length, **f32).unbind(0)
     dA = torch.empty(p.batch, p.dim, p.n, **f32)
     dD, dbias = torch.empty(2, p.batch, p.dim, **f32).unbind(0)
-    dB, dC = torch.empty(2, p.batch, blocks, p.n, p.length, **f32).unbind(0)
+    atomic = BWD_ATOMIC and not torch.are_deterministic_algorithms_enabled()
+
+    def buffer(like: Tensor) -> Tensor:  # dB / dC: (batch, groups of `like`, N, L) sums, or per-block partials
+        if atomic:
+            return torch.zeros(p.batch, like.shape[1] if like.dim() == 4 else 1, p.n, p.length, **f32)
+        return torch.empty(p.batch, blocks, p.n, p.length, **f32)
+
+    def slot_strides(buf: Tensor, like: Tensor) -> Tuple[int, int]:  # (batch, group-or-block) strides
+        return buf.stride(0), (0 if atomic and like.dim() == 3 else buf.stride(1))
+
+    dB, dC = buffer(B), buffer(C)
     dlast = None if dlast is None else dlast.float().contiguous()
     k.scan_bwd_kernel[(blocks, p.batch)](
         u, delta, p.A, B, C, du if p.D is None else p.D, du if p.bias is None else p.bias, dy,
         du if dlast is None else dlast, ckpt, du, ddelta, dA, dD, dbias, dB, dC,
         p.dim, p.length, p.h, tiles,
         *_strides3(u), *_strides3(delta), *_bc_strides(B), *_bc_strides(C), *_strides3(dy),
-        HAS_D=p.D is not None, HAS_DLAST=dlast is not None, num_warps=BWD_WARPS,
+        *slot_strides(dB, B), *slot_strides(dC, C),
+        HAS_D=p.D is not None, HAS_DLAST=dlast is not None, ATOMIC=atomic, num_warps=BWD_WARPS,
         **p.constants(block_d, TRAIN_BLOCK_T, softplus))
 
-    def per_group(partial: Tensor, like: Tensor) -> Tensor:  # sum the blocks' partial sums of a group
+    def per_group(buf: Tensor, like: Tensor) -> Tensor:  # shaped like B / C
+        if atomic:
+            return buf.view(like.shape)
         if like.dim() == 3:
-            return partial.sum(1)
-        return partial.view(p.batch, like.shape[1], -1, p.n, p.length).sum(2)
+            return buf.sum(1)
+        return buf.view(p.batch, like.shape[1], -1, p.n, p.length).sum(2)
 
     return (du, ddelta, dA.sum(0), per_group(dB, B), per_group(dC, C), None if D is None else dD.sum(0),
             None if bias is None else dbias.sum(0))

@@ -19,8 +19,9 @@ Training saves the state at the start of every tile (N / BLOCK_T of the inputs' 
 (:func:`scan_bwd_kernel`) walks the tiles in reverse: it recomputes the tile's states from its saved start,
 runs the adjoint recurrence ``g[t] = C[t] dy[t] + a[t+1] g[t+1]`` as a reversed scan, and accumulates the
 gradients. ``a[t] h[t-1]`` is ``h[t] - b[t]`` (no shifted tile needed), ``a[t+1]`` is recomputed from
-delta read one step ahead. dB and dC are sums over the channels of a group: each program writes its
-block's partial sums and the host adds them (deterministic, no atomics).
+delta read one step ahead. dB and dC are sums over the channels of a group: each program adds its block's
+share atomically (as mamba_ssm does), or, where PyTorch is asked for deterministic algorithms, writes it
+to a buffer of its own and the host adds them in a fixed order.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a kernel reads must be a constexpr
 
 
 @triton.jit
@@ -199,18 +200,21 @@ def scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_p
                     dim, L, H, n_tiles,
                     su_b, su_d, su_l, sd_b, sd_d, sd_l,
                     sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sg_b, sg_d, sg_l,
+                    sdB_b, sdB_g, sdC_b, sdC_g,
                     N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                     SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-                    HAS_DLAST: tl.constexpr):
+                    HAS_DLAST: tl.constexpr, ATOMIC: tl.constexpr):
     """Gradients for BLOCK_D channels of one batch element, tiles in reverse order.
 
     dy (batch, dim, L) is the gradient of y + D u; dlast (batch, dim, N) of the last state. Writes du,
     ddelta (w.r.t. delta before bias and softplus) (batch, dim, L); per batch element dA (batch, dim, N),
-    dD and dbias (batch, dim); per channel block partial dB, dC (batch, dim // BLOCK_D, N, L).
+    dD and dbias (batch, dim). dB and dC (sums over a group's channels): with ATOMIC added into zeroed
+    (batch, G, N, L) buffers (strides sdB_b, sdB_g; group stride 0 for B shared by all groups), else each
+    block's partial sums stored at block index ``program_id(0)`` of (batch, dim // BLOCK_D, N, L) buffers
+    (deterministic; the host adds them).
     """
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    n_blocks = tl.num_programs(0)
     d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     g = (pid_d * BLOCK_D) // H
     n = tl.arange(0, BLOCK_N)
@@ -227,7 +231,9 @@ def scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_p
     B_base = B_ptr + b * sB_b + g * sB_g + n[:, None] * sB_n
     C_base = C_ptr + b * sC_b + g * sC_g + n[:, None] * sC_n
     out_base = (b * dim + d[:, None]) * L
-    part_base = ((b * n_blocks + pid_d) * N + n[:, None]) * L
+    slot = g if ATOMIC else pid_d  # where this block's dB / dC sums go
+    dB_base = dB_ptr + b * sdB_b + slot * sdB_g + n[:, None] * L
+    dC_base = dC_ptr + b * sdC_b + slot * sdC_g + n[:, None] * L
 
     if HAS_DLAST:
         carry = tl.load(dlast_ptr + (b * dim + d[:, None]) * N + n[None, :], mask=dn_mask, other=0.0)
@@ -275,8 +281,14 @@ def scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_p
         dbias += tl.sum(ddt, axis=1)
         tl.store(du_ptr + out_base + t[None, :], du, mask=m)
         tl.store(ddelta_ptr + out_base + t[None, :], ddt, mask=m)
-        tl.store(dB_ptr + part_base + t[None, :], tl.sum(gs * xu[:, None, :], axis=0), mask=mn)
-        tl.store(dC_ptr + part_base + t[None, :], tl.sum(hs * dy[:, None, :], axis=0), mask=mn)
+        dB = tl.sum(gs * xu[:, None, :], axis=0)
+        dC = tl.sum(hs * dy[:, None, :], axis=0)
+        if ATOMIC:
+            tl.atomic_add(dB_base + t[None, :], dB, mask=mn, sem='relaxed')
+            tl.atomic_add(dC_base + t[None, :], dC, mask=mn, sem='relaxed')
+        else:
+            tl.store(dB_base + t[None, :], dB, mask=mn)
+            tl.store(dC_base + t[None, :], dC, mask=mn)
     tl.store(dA_ptr + (b * dim + d[:, None]) * N + n[None, :], dA, mask=dn_mask)
     if HAS_D:
         tl.store(dD_ptr + b * dim + d, dD)
