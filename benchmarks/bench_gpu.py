@@ -9,14 +9,16 @@
    clock and bus width, and a measured device-to-device copy).
 2. Training steps (forward, L1 loss, backward, Adam) of light SR x2 (batch 16) and classic SR x2 (batch 4) on
    64 x 64 LQ patches in fp32, bf16 and fp16 (``train:use_amp``), images per second; optionally compiled.
-3. ``--sweep``: the triton kernels' tile sizes around the shipped ones at shapes (c) and (d), to tune
-   ``basicsr_mambair/ops/scan/triton.py``'s constants on a new GPU.
+3. ``--sweep``: other sets of the triton kernels' tile constants at shapes (c) and (d), to tune
+   ``basicsr_mambair/ops/scan/triton.py`` on a new GPU (``benchmarks/triton_registers.py`` shows their
+   registers without a GPU).
 
 The issue's targets are printed with "met" / "NOT met". Usage::
 
     python benchmarks/bench_gpu.py                      # everything but the sweep
     python benchmarks/bench_gpu.py --scan-only --shapes c d
     python benchmarks/bench_gpu.py --sweep --json gpu.json
+    python benchmarks/bench_gpu.py --sweep-only
 """
 
 from __future__ import annotations
@@ -48,11 +50,21 @@ TRAIN_SETUPS = {  # preset, batch, LQ patch side (gt_size 128 at x2, as the offi
     'light SR x2': ('lightSR_x2', 16, 64),
     'classic SR x2': ('classicSR_x2', 4, 64),
 }
-# the kernels' tile constants and the alternatives --sweep times (one changed at a time)
-SWEEP = {'INFER_BLOCK_T': (32, 128), 'INFER_BLOCK_D': (2, 8), 'INFER_WARPS': (2, 8),
-         'TRAIN_BLOCK_T': (16, 64), 'TRAIN_BLOCK_D': (2, 8), 'BWD_BLOCK_D': (4, 16), 'BWD_WARPS': (4,),
-         'PROGRAMS_PER_SM': (2, 8)}
-
+# --sweep: sets of the triton backend's constants tried against the shipped ones (registers per thread on
+# sm_90 in brackets, from benchmarks/triton_registers.py), forward at (d) and forward+backward at (c)
+SWEEP = [
+    {'INFER_BLOCK_D': 4, 'INFER_BLOCK_T': 32, 'INFER_WARPS': 4},  # (96) more programs, 20 warps / SM
+    {'INFER_BLOCK_D': 8, 'INFER_BLOCK_T': 32, 'INFER_WARPS': 8},  # (102) B / C loaded for 8 channels
+    {'INFER_BLOCK_D': 2, 'INFER_BLOCK_T': 64, 'INFER_WARPS': 4},  # (160)
+    {'INFER_BLOCK_D': 4, 'INFER_BLOCK_T': 128, 'INFER_WARPS': 8},  # (255) fewer carries, 8 warps / SM
+    {'PROGRAMS_PER_SM': 2}, {'PROGRAMS_PER_SM': 8},  # fewer / more time chunks at batch 1
+    {'TRAIN_BLOCK_T': 16},  # (95 forward, 237 backward)
+    {'TRAIN_BLOCK_D': 8, 'TRAIN_WARPS': 8},
+    {'BWD_BLOCK_D': 4, 'BWD_WARPS': 16},  # (102) 16 warps / SM
+    {'BWD_BLOCK_D': 2, 'BWD_WARPS': 8},  # (102) two programs / SM
+    {'BWD_BLOCK_D': 4, 'BWD_WARPS': 8},  # (180)
+    {'BWD_ATOMIC': False},  # per-block dB / dC buffers (the deterministic path)
+]
 
 def gpu_time(fn: Callable[[], object], repeats: int, warmup: int = 2, budget_s: float = 20) -> float:
     """Median seconds of ``fn`` on the GPU (CUDA events), fewer repeats when one run is slow."""
@@ -214,9 +226,8 @@ def bench_training(setups: List[str], precisions: List[str], repeats: int, compi
 
 
 def sweep(repeats: int) -> List[Dict[str, object]]:
-    """Each triton constant changed alone: fwd at (d), fwd+bwd at (c); times relative to the shipped set."""
+    """Each set of SWEEP against the shipped constants: fwd at (d), fwd+bwd at (c), relative times."""
     tb = ss.triton
-    rows = []
     cases = [('d', 'fwd'), ('c', 'fwd+bwd')]
     data = {}
     for key, _ in cases:
@@ -228,15 +239,16 @@ def sweep(repeats: int) -> List[Dict[str, object]]:
         return {f'{k} {m}': gpu_time(scan_call('triton', m, *data[k]), repeats) for k, m in cases}
 
     base = measure()
-    print('\nsweep of the triton constants (times relative to the shipped ones: < 1 is faster)')
+    rows = [{'constants': 'shipped', **base}]
+    print('\nsweep of the triton constants (time relative to the shipped set: < 1 is faster)')
     print(f"  shipped: {', '.join(f'{k} {v * 1e3:.3f} ms' for k, v in base.items())}")
-    for name, values in SWEEP.items():
-        for value in values:
-            with patched(tb, name, value):
-                times = measure()
-            rows.append({'constant': name, 'value': value, **times})
-            print(f"  {name}={value}: " + ', '.join(f'{k} {times[k] / base[k]:.2f}' for k in base), flush=True)
-    rows.append({'constant': 'shipped', **base})
+    for constants in SWEEP:
+        with contextlib.ExitStack() as stack:
+            for name, value in constants.items():
+                stack.enter_context(patched(tb, name, value))
+            times = measure()
+        rows.append({'constants': constants, **times})
+        print(f"  {constants}: " + ', '.join(f'{k} {times[k] / base[k]:.2f}' for k in base), flush=True)
     return rows
 
 
@@ -292,6 +304,7 @@ def main(argv: List[str] | None = None) -> None:
     p.add_argument('--scan-only', action='store_true', help='no training steps')
     p.add_argument('--train-only', action='store_true', help='no scan timings')
     p.add_argument('--sweep', action='store_true', help='time the triton kernels with other tile constants')
+    p.add_argument('--sweep-only', action='store_true', help='only the sweep')
     p.add_argument('--json', type=Path, help='write every result as JSON')
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -301,6 +314,8 @@ def main(argv: List[str] | None = None) -> None:
     print('Device: ' + ', '.join(f'{k} {v:.0f}' if isinstance(v, float) else f'{k} {v}' for k, v in info.items()),
           flush=True)
     results: Dict[str, object] = {'device': info, 'scan': [], 'training': []}
+    if args.sweep_only:
+        args.scan_only = args.train_only = args.sweep = True
     if not args.train_only:
         results['scan'] = bench_scan(args.shapes, scan_backends(), args.repeats)
     if not args.scan_only:

@@ -66,8 +66,8 @@ EOF
     timeout 240 python3 benchmarks/bench_gpu.py --json "$out/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
     if [ "${1:-}" = sweep ]; then
         echo "== sweep of the triton constants =="
-        timeout 200 python3 benchmarks/bench_gpu.py --scan-only --shapes c --sweep --repeats 10 \
-            --json "$out/sweep.json" 2>&1 | tee "$out/sweep.log"
+        timeout 200 python3 benchmarks/bench_gpu.py --sweep-only --repeats 10 --json "$out/sweep.json" 2>&1 \
+            | tee "$out/sweep.log"
     fi
 }
 
