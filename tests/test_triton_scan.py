@@ -209,6 +209,7 @@ def test_unavailable_without_triton_or_gpu(monkeypatch):
     tb.reset()
 
 
+@pytest.mark.skipif(DEVICE == 'cuda', reason='on a GPU the tests above compile and run the kernels themselves')
 def test_kernels_compile_for_a_gpu_without_spilling(tmp_path):
     """The kernels, with the shipped tiles, compile for an H100-class GPU (sm_90) here, without a GPU, and keep
     their tiles in registers: the interpreter accepts code that the compiler rejects (benchmarks/

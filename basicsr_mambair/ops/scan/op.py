@@ -1,5 +1,8 @@
 """The selective scan as one ``torch.library`` custom op, so that ``torch.compile`` keeps it in one graph.
 
+(No ``from __future__ import annotations`` here: ``torch.library`` reads the op's schema from real annotation
+objects, which every supported torch version parses.)
+
 Dynamo cannot trace our backends (ctypes, Triton launches, ``mamba_ssm``, Python-side dispatch), and a graph
 break per scan would split every block of a network. :func:`scan` (what
 :func:`~basicsr_mambair.ops.scan.selective_scan` calls while compiling) goes through
@@ -10,10 +13,8 @@ scan with autograd through the same backend and returns the gradients of its inp
 eager training, in exchange for opacity).
 """
 
-from __future__ import annotations
-
 import contextlib
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ def _last_state_like(u: Tensor, n: int, wanted: bool) -> Tensor:
     return u.new_empty(shape, dtype=compute_dtype(u.dtype))
 
 
-def _fresh(t: Tensor, *inputs: Tensor | None) -> Tensor:
+def _fresh(t: Tensor, *inputs: Optional[Tensor]) -> Tensor:
     """``t``, copied if it shares memory with one of ``inputs`` (an op's outputs must not alias its inputs)."""
     ptr = t.untyped_storage().data_ptr()
     if any(i is not None and i.untyped_storage().data_ptr() == ptr for i in inputs):
@@ -69,9 +70,9 @@ def _autograd_inside_op() -> Iterator[None]:
 
 if _custom_op is not None:
     @_custom_op(f'{NAMESPACE}::selective_scan', mutates_args=())
-    def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                 z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool,
-                 backend: str | None) -> Tuple[Tensor, Tensor]:
+    def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
+                 backend: Optional[str]) -> Tuple[Tensor, Tensor]:
         out = _eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
         y, last = out if return_last_state else (out, _last_state_like(u, A.shape[1], False))
         return _fresh(y.to(u.dtype).contiguous(), u, delta, B, C, z), last.contiguous()
@@ -84,8 +85,8 @@ if _custom_op is not None:
 
     @_custom_op(f'{NAMESPACE}::selective_scan_backward', mutates_args=())
     def _backward_op(dy: Tensor, dlast: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                     D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-                     return_last_state: bool, backend: str | None) -> List[Tensor]:
+                     D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                     return_last_state: bool, backend: Optional[str]) -> List[Tensor]:
         inputs = (u, delta, A, B, C, D, z, delta_bias)
         with _autograd_inside_op():
             leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
@@ -120,8 +121,9 @@ if _custom_op is not None:
     _scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-         delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool, backend: str | None) -> ScanOut:
+def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+         delta_bias: Optional[Tensor], delta_softplus: bool, return_last_state: bool,
+         backend: Optional[str]) -> ScanOut:
     """:func:`~basicsr_mambair.ops.scan.selective_scan` through the custom op (same arguments and results)."""
     y, last = _scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
     return (y, last) if return_last_state else y
