@@ -40,7 +40,7 @@ __all__ = ['load', 'reset', 'scan', 'unavailable_reason']
 #   set (states, adjoints, decays of both, gradients) is about twice the forward's.
 # Registers per thread (ptxas for sm_90a, Triton 3.8, N 16, no spills): inference forward (4 x 16 x 64,
 # 8 warps) 128, training forward (4 x 16 x 32, 4 warps) 127, fix-up (as inference) 100, backward
-# (8 x 16 x 32, 8 warps) 242 (8 warps per SM; (4 x 16 x 32, 16 warps) needs 100). These are estimates
+# (8 x 16 x 32, 8 warps) 244 (8 warps per SM; (4 x 16 x 32, 16 warps) needs 102). These are estimates
 # from code size, not timings: benchmarks/bench_gpu.py --sweep times alternatives on a GPU.
 INFER_BLOCK_T, INFER_BLOCK_D, INFER_WARPS = 64, 4, 8
 TRAIN_BLOCK_T, TRAIN_BLOCK_D, TRAIN_WARPS = 32, 4, 4
@@ -140,9 +140,12 @@ def _self_check(device: torch.device) -> None:
             y, last = _TritonScan.apply(*(leaves[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')), True, True)
             grads = torch.autograd.grad((y * dy.to(device)).sum() + (last * dlast.to(device)).sum(),
                                         list(leaves.values()))
+            y_inf, last_inf, _ = _forward(*(leaves[k].detach() for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')),
+                                          True, True, save_ckpt=False)
     finally:
         FORCE_CHUNKS = saved
-    for name, got, want in (('y', y, y64), ('last state', last, last64), *zip(t, grads, grads64)):
+    for name, got, want in (('y', y, y64), ('last state', last, last64), ('y (inference)', y_inf, y64),
+                            ('last state (inference)', last_inf, last64), *zip(t, grads, grads64)):
         err = ((got.detach().cpu().double() - want.detach()).abs().max() / want.detach().abs().max()).item()
         if not err < 1e-4:
             raise KernelUnavailable(f'triton kernels disagree with the reference on this GPU ({name}: relative '
