@@ -144,7 +144,8 @@ def _network_from_options(opt: str | os.PathLike | Mapping[str, Any]) -> tuple[d
     if not isinstance(network, Mapping) or 'type' not in network:
         raise RestoreError('the options have no network_g with a type')
     scale = opt.get('scale')
-    return dict(network), (int(scale) if scale is not None else None)
+    network = {k: v for k, v in network.items() if k != 'compile'}  # a training option, not the arch's
+    return network, (int(scale) if scale is not None else None)
 
 
 def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: str | None = None, *,

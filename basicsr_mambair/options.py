@@ -96,3 +96,20 @@ def check_options(opt: dict, path: str, is_train: bool) -> None:
             raise OptionError(f'path:{key} not found: {value} (see experiments/pretrained_models/README.md)')
     if is_train and 'train' not in opt:
         raise OptionError(f"{path}: missing top-level key 'train' (losses, optimizer, total_iter)")
+    _check_speed_options(opt, path, is_train)
+
+
+def _check_speed_options(opt: dict, path: str, is_train: bool) -> None:
+    """``train:use_amp`` and ``network_g:compile`` (ours, unknown to BasicSR) fit this machine."""
+    import torch
+
+    from .models.mambair_model import compile_options
+    from .utils.amp import amp_dtype
+
+    try:
+        compile_options((opt.get('network_g') or {}).get('compile'))
+        if is_train and (opt.get('train') or {}).get('use_amp') is not None:
+            device = 'cuda' if torch.cuda.is_available() and opt.get('num_gpu', 'auto') != 0 else 'cpu'
+            amp_dtype(opt['train']['use_amp'], device)
+    except ValueError as exc:
+        raise OptionError(f'{path}: {exc}') from None

@@ -10,6 +10,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # the triton scan's kernels run in Triton's interpreter (test_triton_scan.py);
+    os.environ.setdefault('TRITON_INTERPRET', '1')  # Triton reads this when first imported, so set it first
+
 from helpers import shared_dir  # noqa: E402
 
 torch.set_num_threads(1)

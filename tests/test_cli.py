@@ -12,11 +12,7 @@ import time
 import pytest
 import torch
 from helpers import REPO, cli_command, cli_env, run_cli
-from tiny_experiments import make_sr_pairs, sr_train_options, write_options
-
-# A small, real MambaIR (lightweight-SR head; channel attention needs >= 30 channels) through the pipeline.
-TINY_NETWORK = dict(type='MambaIR', upscale=2, in_chans=3, embed_dim=30, depths=[1], d_state=4, mlp_ratio=1.0,
-                    upsampler='pixelshuffledirect')
+from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_train_options, write_options
 
 EXPECTED_REGISTERED = {
     'arch': {'MambaIR', 'MambaIRUNet', 'Bicubic'},

@@ -15,7 +15,8 @@ from helpers import SCAN_OPTION_CASES, assert_close
 from helpers import scan_with_grads as run
 
 from basicsr_mambair.ops import scan as ss
-from basicsr_mambair.ops.scan import chunked, cuda, get_backend, scan_backend, selective_scan, selective_scan_reference
+from basicsr_mambair.ops.scan import chunked, cuda, get_backend, scan_backend, selective_scan, triton
+from basicsr_mambair.ops.scan import selective_scan_reference as reference
 
 
 def make_inputs(batch=2, dim=8, length=7, n=4, groups=4, grouped=True, dt_scale=1.0, a_max=4.0, seed=0,
@@ -38,7 +39,7 @@ def make_inputs(batch=2, dim=8, length=7, n=4, groups=4, grouped=True, dt_scale=
 def check_against_float64(inputs, rtol=1e-5, **options):
     y, last, grads = run(lambda *a, **k: selective_scan(*a, backend='torch', **k), inputs, **options)
     inputs64 = {k: v.double() for k, v in inputs.items()}
-    y64, last64, grads64 = run(selective_scan_reference, inputs64, **options)
+    y64, last64, grads64 = run(reference, inputs64, **options)
     assert y.dtype == inputs['u'].dtype
     assert_close(y, y64, rtol, 'y')
     if last64 is not None:
@@ -96,8 +97,8 @@ def test_inference_path_matches_float64_reference(small_chunks, monkeypatch, len
     args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z')]
     with torch.no_grad():
         y, last = selective_scan(*args, backend='torch', **kw)
-    y64, last64 = selective_scan_reference(*(t.double() for t in args),
-                                           **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    y64, last64 = reference(*(t.double() for t in args),
+                            **{k: (v.double() if torch.is_tensor(v) else v) for k, v in kw.items()})
     assert_close(y, y64, 1e-5, 'y')
     assert_close(last, last64, 1e-5, 'last state')
 
@@ -113,7 +114,7 @@ def test_gradient_from_last_state_only():
     kw = dict(delta_bias=inputs['delta_bias'], delta_softplus=True, return_last_state=True)
     grads = []
     for fn, dtype in ((lambda *a, **k: selective_scan(*a, backend='torch', **k), torch.float32),
-                      (selective_scan_reference, torch.float64)):
+                      (reference, torch.float64)):
         leaves = [inputs[k].to(dtype).requires_grad_() for k in ('u', 'delta', 'A', 'B')]  # C: unused by h
         _, last = fn(*leaves, inputs['C'].to(dtype), **{k: (v.to(dtype) if torch.is_tensor(v) else v)
                                                         for k, v in kw.items()})
@@ -198,7 +199,7 @@ def test_gradients_of_d_and_z_only():
     inputs = make_inputs(length=30)
     grads = []
     for fn, dtype in ((lambda *a, **k: selective_scan(*a, backend='torch', **k), torch.float32),
-                      (selective_scan_reference, torch.float64)):
+                      (reference, torch.float64)):
         args = [inputs[k].to(dtype) for k in ('u', 'delta', 'A', 'B', 'C')]
         D, z = (inputs[k].to(dtype).requires_grad_() for k in ('D', 'z'))
         y = fn(*args, D, z, delta_bias=inputs['delta_bias'].to(dtype), delta_softplus=True)
@@ -256,8 +257,9 @@ def test_import_does_not_import_mamba_ssm():
     assert 'mamba_ssm' not in sys.modules or sys.modules['mamba_ssm'] is None
 
 
-def test_cuda_request_on_cpu_falls_back_with_one_warning(no_mamba, monkeypatch):
-    monkeypatch.setenv(ss.ENV_VAR, 'cuda')
+@pytest.mark.parametrize('backend', ['cuda', 'triton'])
+def test_gpu_request_on_cpu_falls_back_with_one_warning(no_mamba, monkeypatch, backend):
+    monkeypatch.setenv(ss.ENV_VAR, backend)
     inputs = make_inputs(length=9)
     args = [inputs[k] for k in ('u', 'delta', 'A', 'B', 'C')]
     with warnings.catch_warnings(record=True) as caught:
@@ -265,16 +267,27 @@ def test_cuda_request_on_cpu_falls_back_with_one_warning(no_mamba, monkeypatch):
         y1 = selective_scan(*args)
         y2 = selective_scan(*args)
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert f'backend "{backend}" needs CUDA tensors' in str(caught[0].message)
     assert 'falling back' in str(caught[0].message)
     assert torch.equal(y1, y2) and torch.equal(y1, selective_scan(*args, backend='torch'))
 
 
-def test_cuda_device_without_mamba_ssm(no_mamba):
-    assert get_backend('cuda') == 'torch'  # auto: no kernel -> torch
+def test_cuda_device_without_mamba_ssm(no_mamba, monkeypatch):
+    assert get_backend('cuda') == ('triton' if triton.unavailable_reason() is None else 'torch')
     assert get_backend(torch.device('cpu')) == ('compiled' if ss.compiled.unavailable_reason() is None else 'torch')
     cuda.reset()
     with pytest.warns(RuntimeWarning, match='mamba_ssm does not import'):
-        assert ss.resolve_backend('cuda', torch.device('cuda')) == 'torch'
+        assert ss.resolve_backend('cuda', torch.device('cuda')) in ('triton', 'torch')
+    # auto on CUDA: mamba_ssm where it imports, else triton where it runs, else torch
+    monkeypatch.setattr(triton, 'unavailable_reason', lambda: 'no CUDA GPU')
+    assert get_backend('cuda') == 'torch'
+    with pytest.warns(RuntimeWarning, match='backend "triton" is unavailable: no CUDA GPU'):
+        assert ss.resolve_backend('triton', torch.device('cuda')) == 'torch'
+    monkeypatch.setattr(triton, 'unavailable_reason', lambda: None)
+    assert get_backend('cuda') == 'triton'
+    assert ss.resolve_backend('triton', torch.device('cuda')) == 'triton'
+    monkeypatch.setattr(cuda, 'unavailable_reason', lambda: None)
+    assert get_backend('cuda') == 'cuda'
 
 
 def test_selection_precedence_and_logging(no_mamba, monkeypatch, caplog):

@@ -10,6 +10,9 @@ import yaml
 
 # Photographs bundled with scikit-image: real images without any download.
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
+# A small, real MambaIR (lightweight-SR head; channel attention needs >= 30 channels) through the pipeline.
+TINY_NETWORK = dict(type='MambaIR', upscale=2, in_chans=3, embed_dim=30, depths=[1], d_state=4, mlp_ratio=1.0,
+                    upsampler='pixelshuffledirect')
 
 
 def make_sr_pairs(root: Path, scale: int = 2, size: int = 96, per_photo: int = 2) -> tuple[Path, Path]:

@@ -13,6 +13,11 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
 - a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
 - checkpoints load with ``weights_only=True`` and are written atomically (a run killed while
   saving never leaves a truncated file); any ``torch.optim`` optimizer can be named.
+- ``train:use_amp: bf16 | fp16``: mixed-precision training (:mod:`..utils.amp`; fp16 with a GradScaler,
+  whose state is kept in the training state); the scan and the losses stay float32, checkpoints float32.
+- ``network_g:compile: true`` (or a mapping of ``torch.compile`` arguments, e.g. ``{mode: max-autotune}``):
+  the network's forward is compiled in place (``nn.Module.compile``: parameter names, and so checkpoints,
+  are unchanged); the selective scan is one opaque op in the graph (:mod:`..ops.scan.op`).
 """
 
 from __future__ import annotations
@@ -32,12 +37,33 @@ from tqdm import tqdm
 from ..archs.arch_util import pad_to_multiple
 from ..errors import NonFiniteLossError
 from ..tiling import forward_official_tiles, forward_self_ensemble, forward_tiled
+from ..utils.amp import MixedPrecision
 from ..utils.checkpoint import load_checked, read_state_dict, save_atomic, strip_module_prefix
+
+
+def compile_options(value) -> dict | None:
+    """``torch.compile`` keyword arguments of a ``network_g:compile`` value (None: not compiled)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ValueError(f'network_g:compile must be true, false or a mapping of torch.compile arguments, not {value!r}')
 
 
 @MODEL_REGISTRY.register()
 class MambaIRModel(SRModel):
     """See the module docstring."""
+
+    def __init__(self, opt: dict) -> None:
+        # `compile` is ours, not the arch's: taken out before BasicSR builds net_g (and net_g_ema) from network_g
+        net_opt = opt.get('network_g')
+        self.compile_kwargs = compile_options(net_opt.pop('compile', None)) if isinstance(net_opt, dict) else None
+        super().__init__(opt)
+        if self.compile_kwargs is not None:
+            self.get_bare_model(self.net_g).compile(**self.compile_kwargs)
+            get_root_logger().info(f'network_g compiled with torch.compile({self.compile_kwargs})')
 
     def get_optimizer(self, optim_type: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
         # BasicSR 1.4.2 knows only Adam; any optimizer in torch.optim is accepted by name here.
@@ -66,7 +92,7 @@ class MambaIRModel(SRModel):
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
         save_dict = {}
-        for net_, key in zip(nets, keys):
+        for net_, key in zip(nets, keys):  # Module.compile keeps the names; this also unwraps DDP
             state = self.get_bare_model(net_).state_dict()
             save_dict[key] = {k: v.cpu() for k, v in strip_module_prefix(state).items()}
         name = f"{net_label}_{'latest' if current_iter == -1 else current_iter}.pth"
@@ -79,9 +105,24 @@ class MambaIRModel(SRModel):
             return
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers]}
+        amp_state = self.amp.state_dict() if hasattr(self, 'amp') else None
+        if amp_state is not None:
+            state['amp_scaler'] = amp_state
         save_atomic(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
+    def resume_training(self, resume_state: dict) -> None:
+        """BasicSR's resume (optimizers, schedulers) plus the fp16 loss scale."""
+        super().resume_training(resume_state)
+        self.amp.load_state_dict(resume_state.get('amp_scaler'))
+
     # ----------------------------------------------------------------- training
+    def init_training_settings(self) -> None:
+        self.amp = MixedPrecision(self.opt['train'].get('use_amp'), self.device)
+        if self.amp.dtype is not None:
+            get_root_logger().info(f'Mixed-precision training: {self.amp.name} autocast'
+                                   + (' with a GradScaler' if self.amp.scaler is not None else ''))
+        super().init_training_settings()
+
     def prepare_batch(self, current_iter: int) -> None:
         """Hook to change ``self.lq``/``self.gt`` before the training forward (augmentations)."""
 
@@ -114,15 +155,18 @@ class MambaIRModel(SRModel):
                 f'checkpoints so far are in {self.opt["path"]["models"]} (lower train:optim_g:lr or check the data)')
 
     def optimize_parameters(self, current_iter: int) -> None:
-        """``SRModel``'s step with the hooks above and a check for a non-finite loss."""
+        """``SRModel``'s step with the hooks above, mixed precision and a check for a non-finite loss."""
         self.prepare_batch(current_iter)
         self.optimizer_g.zero_grad()
-        self.output = self.net_g(self.lq)
+        with self.amp.autocast():
+            output = self.net_g(self.lq)
+        self.output = output.float()  # losses in float32, whatever autocast made of the forward
         l_total, loss_dict = self.compute_losses()
         self.check_finite(l_total, current_iter)
-        l_total.backward()
+        self.amp.backward(l_total)
+        self.amp.unscale(self.optimizer_g)  # clipping sees the true gradients
         self.clip_gradients()
-        self.optimizer_g.step()
+        self.amp.step(self.optimizer_g)
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
