@@ -160,7 +160,7 @@ def translate(opt: dict, source: str) -> dict:
     return opt
 
 
-def fit_num_gpu(opt: dict) -> dict:
+def fit_num_gpu(opt: dict, source: str) -> dict:
     """``num_gpu`` above the GPUs present (official files say 8) -> the GPUs present, with one warning line."""
     wanted = opt.get('num_gpu')
     if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted <= 0:
@@ -171,6 +171,6 @@ def fit_num_gpu(opt: dict) -> dict:
     if wanted > present:
         opt['num_gpu'] = present
         here = f'{present} GPU' + ('s' if present > 1 else '') if present else 'the CPU'
-        say_once(f'basicsr-mambair: warning: num_gpu: {wanted} but {present or "no"} GPUs here; running on {here} '
-                 '(num_gpu: auto uses what is there)')
+        say_once(f'basicsr-mambair: warning: {source}: num_gpu: {wanted} but {present or "no"} GPUs here; '
+                 f'running on {here} (num_gpu: auto uses what is there)')
     return opt

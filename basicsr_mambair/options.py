@@ -55,7 +55,7 @@ def load_options(path: str, overrides: Sequence[str] | None = None) -> dict:
     """An option file as the pipelines use it: read, ``--force_yml`` applied (to the keys as written), the
     official dialect mapped (:func:`basicsr_mambair.dialect.translate`), ``num_gpu`` fitted to the GPUs here."""
     opt = apply_overrides(read_option_file(path), overrides)
-    return fit_num_gpu(translate(opt, path))
+    return fit_num_gpu(translate(opt, path), path)
 
 
 def _creatable(opt: dict, parents: Sequence[str], key: str) -> bool:
