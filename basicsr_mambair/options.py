@@ -131,6 +131,9 @@ def _check_pairs(ds: dict, roots: dict, where: str) -> None:
     if (ds.get('io_backend') or {}).get('type', 'disk') != 'disk' or ds.get('meta_info_file'):
         return
     gt_root, lq_root = (osp.expanduser(roots[key]) for key in ('dataroot_gt', 'dataroot_lq'))
+    for key, root in (('dataroot_gt', gt_root), ('dataroot_lq', lq_root)):
+        if not osp.isdir(root):
+            raise OptionError(f'{where}:{key} must be a folder of images (io_backend disk), got the file {root}')
     tmpl = ds.get('filename_tmpl', '{}')
     gt_names, lq_names = _files(gt_root), set(_files(lq_root))
     if kind == 'JPEGArtifactDataset':
