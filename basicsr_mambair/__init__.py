@@ -1,14 +1,18 @@
 """MambaIR image-restoration networks as a BasicSR plugin.
 
-Importing this package registers its archs, datasets and models in BasicSR's registries. It
-never imports the optional CUDA packages ``mamba_ssm`` / ``causal_conv1d``.
+Importing this package registers its archs, datasets and models in BasicSR's registries and installs
+its fixes into BasicSR's pipelines (:func:`basicsr_mambair.compat.patch_basicsr`: the official option
+dialect, CPU resume and DDP), so ``import basicsr_mambair`` before BasicSR's ``train_pipeline`` gives
+what ``mambair-train`` does. It never imports the optional CUDA packages ``mamba_ssm`` / ``causal_conv1d``.
 """
 
-from .compat import alias_functional_tensor
+from .compat import alias_functional_tensor, patch_basicsr
 
 alias_functional_tensor()  # must precede the first `import basicsr`
 
 from . import archs, data, models  # noqa: E402,F401  (registration side effects)
+
+patch_basicsr()
 from .errors import (  # noqa: E402
     CheckpointError,
     ImageError,

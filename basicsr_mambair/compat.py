@@ -1,12 +1,16 @@
 """Make BasicSR importable and usable on today's torch/torchvision and on machines without a GPU.
 
 BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17 and assumes CUDA in a few places of
-its training pipeline. Everything here is a small, targeted fix of one of those places; each is
-a no-op where BasicSR (e.g. its git master) already does the right thing.
+its training pipeline; its option reading knows neither the official MambaIR dialect nor our checks.
+Everything here is a small, targeted fix of one of those places; each is a no-op where BasicSR
+(e.g. its git master) already does the right thing. :func:`patch_basicsr` installs them when the
+package is imported, so a plugin-style script (``import basicsr_mambair`` then BasicSR's
+``train_pipeline``, HAT's pattern) gets what ``mambair-train`` gets.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import os.path as osp
@@ -153,19 +157,92 @@ def load_resume_state(opt: dict):
 
 
 
+def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse.Namespace]:
+    """BasicSR's ``parse_options`` (same command line, same resulting ``opt``), reading the option file with
+    :func:`basicsr_mambair.options.load_options` and checking it before anything is created.
+
+    What BasicSR's version lacks: the official MambaIR dialect (``task:``/``noise`` datasets, lists of data roots,
+    ``ImageCleanModel``), ``num_gpu`` above the GPUs present, ``--force_yml`` for optional keys the file leaves
+    out, and one clear error (naming the key) before the experiment folder exists.
+    """
+    import random
+
+    import torch
+    from basicsr.utils import set_random_seed
+    from basicsr.utils.dist_util import get_dist_info
+
+    from .options import check_options, load_options
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument('-opt', type=str, required=True, help='Path to option YAML file.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none', help='job launcher')
+    parser.add_argument('--auto_resume', action='store_true')
+    parser.add_argument('--debug', action='store_true')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    parser.add_argument('--force_yml', nargs='+', default=None, help='e.g. train:ema_decay=0.999')
+    args = parser.parse_args()
+
+    opt = load_options(args.opt, args.force_yml)
+    check_options(opt, args.opt, is_train)
+
+    if args.launcher == 'none':
+        opt['dist'] = False
+        print('Disable distributed.', flush=True)
+    else:
+        opt['dist'] = True
+        dist_params = opt.get('dist_params') or {}
+        init_dist(args.launcher, **(dist_params if args.launcher == 'slurm' else {}))
+    opt['rank'], opt['world_size'] = get_dist_info()
+
+    seed = opt.get('manual_seed')
+    if seed is None:
+        seed = opt['manual_seed'] = random.randint(1, 10000)
+    set_random_seed(seed + opt['rank'])
+
+    opt['auto_resume'] = args.auto_resume
+    opt['is_train'] = is_train
+    if args.debug and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+    if opt.get('num_gpu', 'auto') == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]  # val_1, test_2, ... -> val, test
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            if dataset.get(key) is not None:
+                dataset[key] = osp.expanduser(dataset[key])
+    for key, value in opt['path'].items():
+        if value is not None and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = osp.expanduser(value)
+
+    if is_train:
+        root = osp.join(root_path, 'experiments', opt['name'])
+        opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
+                           training_states=osp.join(root, 'training_states'), log=root,
+                           visualization=osp.join(root, 'visualization'))
+        if 'debug' in opt['name']:
+            if 'val' in opt:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        root = osp.join(root_path, 'results', opt['name'])
+        opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
+    return opt, args
+
+
 _PATCHED = False
 
 
 def patch_basicsr() -> None:
-    """Install the CPU-safe pieces into BasicSR's pipeline (idempotent): distributed init and DDP without
-    GPUs, and a resume that needs no GPU.
-
-    Called by our train/test entry points, not at package import, so merely importing the
-    plugin never changes BasicSR's behaviour.
-    """
+    """Install the pieces above into BasicSR's pipeline (idempotent): option reading, distributed init and
+    DDP without GPUs, and a resume that needs no GPU. Called when the package is imported."""
     global _PATCHED
     if _PATCHED:
         return
+    import basicsr.test
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
@@ -173,6 +250,9 @@ def patch_basicsr() -> None:
 
     dist_util.init_dist = init_dist
     options.init_dist = init_dist
+    # BasicSR's pipelines bound the name at import: replace it where they look it up
+    for module in (options, basicsr.train, basicsr.test):
+        module.parse_options = parse_options
     BaseModel.model_to_device = model_to_device
     basicsr.train.load_resume_state = load_resume_state
     _PATCHED = True

@@ -1,18 +1,37 @@
 """Option files: reading, ``--force_yml`` overrides and the checks made before anything is written.
 
-Used by the commands (``mambair-train`` / ``mambair-test`` / ``mambair-restore --opt``) and the Python API
+Used by the commands (``mambair-train`` / ``mambair-test`` / ``mambair-restore --opt``), BasicSR's pipelines
+(:func:`basicsr_mambair.compat.parse_options` reads through :func:`load_options`) and the Python API
 (``load_model(opt=...)``). Every problem is an :class:`~basicsr_mambair.errors.OptionError` whose message
 names the file and key.
 """
 
 from __future__ import annotations
 
+import os
 import os.path as osp
 from collections.abc import Sequence
 
+from .dialect import fit_num_gpu, translate
 from .errors import OptionError
 
-__all__ = ['OptionError', 'apply_overrides', 'check_options', 'read_option_file']
+__all__ = ['OptionError', 'apply_overrides', 'check_options', 'load_options', 'read_option_file']
+
+# Keys that --force_yml may add to a file that lacks them (section path -> keys; '*' = any dataset phase):
+# the optional options our models, datasets and BasicSR read. Anything else must exist already, so that a
+# typo is refused instead of silently ignored. network_g also takes any constructor argument of its arch.
+OPTIONAL_KEYS: dict[tuple[str, ...], frozenset[str]] = {
+    (): frozenset({'num_gpu', 'manual_seed', 'find_unused_parameters'}),
+    ('val',): frozenset({'tile', 'tile_mode', 'tile_overlap', 'tile_batch', 'self_ensemble', 'window_size',
+                         'save_img', 'suffix', 'pbar', 'val_freq'}),
+    ('path',): frozenset({'pretrain_network_g', 'strict_load_g', 'param_key_g', 'resume_state'}),
+    ('train',): frozenset({'ema_decay', 'use_grad_clip', 'warmup_iter'}),
+    ('logger',): frozenset({'print_freq', 'save_checkpoint_freq', 'use_tb_logger'}),
+    ('datasets', '*'): frozenset({'val_noise_seed', 'noise', 'quality', 'gray', 'meta_info_file', 'filename_tmpl',
+                                  'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio',
+                                  'use_hflip', 'use_rot', 'use_shuffle', 'prefetch_mode'}),
+}
+TILE_MODES = ('official', 'blend')
 
 
 def read_option_file(path: str) -> dict:
@@ -32,8 +51,33 @@ def read_option_file(path: str) -> dict:
     return opt
 
 
+def load_options(path: str, overrides: Sequence[str] | None = None) -> dict:
+    """An option file as the pipelines use it: read, ``--force_yml`` applied (to the keys as written), the
+    official dialect mapped (:func:`basicsr_mambair.dialect.translate`), ``num_gpu`` fitted to the GPUs here."""
+    opt = apply_overrides(read_option_file(path), overrides)
+    return fit_num_gpu(translate(opt, path), path)
+
+
+def _creatable(opt: dict, parents: Sequence[str], key: str) -> bool:
+    """Whether --force_yml may add ``key`` under ``parents`` (see OPTIONAL_KEYS)."""
+    section = tuple(parents)
+    if section in OPTIONAL_KEYS and key in OPTIONAL_KEYS[section]:
+        return True
+    if len(section) == 2 and section[0] == 'datasets' and key in OPTIONAL_KEYS[('datasets', '*')]:
+        return True
+    if section == ('network_g',) and isinstance(opt.get('network_g'), dict):
+        from basicsr.utils.registry import ARCH_REGISTRY
+
+        from .archs.support import constructor_defaults
+
+        arch = opt['network_g'].get('type')
+        return arch in ARCH_REGISTRY and key in constructor_defaults(arch)
+    return False
+
+
 def apply_overrides(opt: dict, entries: Sequence[str] | None) -> dict:
-    """Apply ``--force_yml key:sub=value`` entries as BasicSR will, so checks see the final options."""
+    """Apply ``--force_yml key:sub=value`` entries: existing keys, or optional keys the file leaves out
+    (``val:tile_mode``, ``path:param_key_g``, a constructor argument of ``network_g``, ...)."""
     from basicsr.utils.options import _postprocess_yml_value
 
     for entry in entries or ():
@@ -44,21 +88,125 @@ def apply_overrides(opt: dict, entries: Sequence[str] | None) -> dict:
         *parents, last = keys.split(':')
         for key in parents:
             if not isinstance(node.get(key), dict):
-                raise OptionError(f"--force_yml {entry}: no option '{key}' to update (new keys cannot be created)")
+                raise OptionError(f"--force_yml {entry}: no option '{key}' to update (new sections cannot be "
+                                  'created)')
             node = node[key]
-        if last not in node:
-            raise OptionError(f"--force_yml {entry}: no option '{last}' to update (new keys cannot be created)")
+        if last not in node and not _creatable(opt, parents, last):
+            raise OptionError(f"--force_yml {entry}: no option '{last}' to update (only options the file has or "
+                              'known optional ones can be set; check the spelling)')
         node[last] = _postprocess_yml_value(value)
     return opt
 
 
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+def _kind(ds: dict) -> str | None:
+    """The dataset type that reads the images (the base type of a MultiRootDataset)."""
+    return ds.get('base_type') if ds.get('type') == 'MultiRootDataset' else ds.get('type')
+
+
+def _channels(ds: dict) -> int | None:
+    """Channels of the images a dataset of ours or BasicSR's paired one yields (None: unknown type)."""
+    kind = _kind(ds)
+    if kind == 'GaussianNoiseDataset':
+        return 1 if ds.get('gray') else 3
+    if kind == 'JPEGArtifactDataset':
+        return 1 if ds.get('gray', True) else 3
+    if kind == 'PairedImageDataset':
+        return 1 if ds.get('color') == 'y' else 3
+    return None
+
+
+def _files(folder: str) -> list[str]:
+    """File names BasicSR's folder scan pairs (non-hidden files directly inside ``folder``)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith('.'))
+
+
+def _check_pairs(ds: dict, roots: dict, where: str) -> None:
+    """Every GT image of a paired folder dataset has its LQ file, named as the dataset will look for it."""
+    from .data.util import lq_name
+    from .image_io import is_image_file
+
+    kind = _kind(ds)
+    if kind not in ('PairedImageDataset', 'JPEGArtifactDataset') or not roots.get('dataroot_lq'):
+        return
+    if (ds.get('io_backend') or {}).get('type', 'disk') != 'disk' or ds.get('meta_info_file'):
+        return
+    gt_root, lq_root = (osp.expanduser(roots[key]) for key in ('dataroot_gt', 'dataroot_lq'))
+    for key, root in (('dataroot_gt', gt_root), ('dataroot_lq', lq_root)):
+        if not osp.isdir(root):
+            raise OptionError(f'{where}:{key} must be a folder of images (io_backend disk), got the file {root}')
+    tmpl = ds.get('filename_tmpl', '{}')
+    gt_names, lq_names = _files(gt_root), set(_files(lq_root))
+    if kind == 'JPEGArtifactDataset':
+        gt_names = [name for name in gt_names if is_image_file(name)]
+        ext, rule = ds.get('lq_ext', '.jpg'), f"LQ files are named <GT name>{ds.get('lq_ext', '.jpg')}"
+        fix = 'make them with mambair-make-jpeg'
+    else:
+        ext, rule = None, 'LQ files are named as filename_tmpl of the GT name, with its extension'
+        fix = f"filename_tmpl is '{tmpl}'"
+        if len(gt_names) != len(lq_names):
+            raise OptionError(f'{where}: dataroot_gt has {len(gt_names)} files but dataroot_lq {len(lq_names)} '
+                              f'({gt_root}, {lq_root}); PairedImageDataset pairs every file, remove the extra ones')
+    missing = [(gt, lq) for gt in gt_names if (lq := lq_name(gt, tmpl, ext)) not in lq_names]
+    if missing:
+        gt, lq = missing[0]
+        raise OptionError(f'{where}:dataroot_lq: {len(missing)} of {len(gt_names)} LQ images missing in {lq_root}, '
+                          f'e.g. {lq} for {gt} ({rule}; {fix})')
+
+
+def _check_dataset(ds: dict, where: str) -> None:
+    from basicsr.utils.registry import DATASET_REGISTRY
+
+    if ds.get('type') not in DATASET_REGISTRY:
+        raise OptionError(f"unknown dataset type '{ds.get('type')}' in {where}")
+    for key in ('name', 'filename_tmpl', 'meta_info_file', 'dataroot_gt', 'dataroot_lq'):
+        if ds.get(key) is not None and not isinstance(ds[key], str):
+            raise OptionError(f'{where}:{key} must be a string, got {type(ds[key]).__name__} {ds[key]!r}')
+    backend = (ds.get('io_backend') or {}).get('type', 'disk')
+    parts = ds.get('roots') if ds.get('type') == 'MultiRootDataset' else [ds]
+    for roots in parts:
+        for root_key in ('dataroot_gt', 'dataroot_lq', 'meta_info_file'):
+            if roots.get(root_key) is None:
+                continue
+            root = osp.expanduser(str(roots[root_key]))
+            if backend != 'disk' and root_key != 'meta_info_file':
+                ok = osp.isdir(root) or osp.isfile(root)
+            else:
+                ok = osp.exists(root)
+            if not ok:
+                raise OptionError(f'{where}:{root_key} not found: {root} '
+                                  f'(see datasets/README.md for how to prepare it)')
+        _check_pairs(ds, roots, where)
+
+
+def _network_channels(net_opt: dict) -> int | None:
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    from .archs.support import constructor_defaults
+
+    if net_opt.get('type') not in ARCH_REGISTRY:
+        return None
+    args = {**constructor_defaults(net_opt['type']), **net_opt}
+    chans = args.get('in_chans', args.get('inp_channels'))
+    return chans if isinstance(chans, int) and not isinstance(chans, bool) else None
+
+
+def _check_val(val: dict) -> None:
+    """The test-time tiling options of MambaIRModel."""
+    mode = val.get('tile_mode')
+    if mode is not None and mode not in TILE_MODES:
+        raise OptionError(f"val:tile_mode must be one of {', '.join(TILE_MODES)}, got {mode!r}")
+    for key, least, meaning in (('tile', 0, 'tile side in LQ pixels, 0 = whole image'),
+                                ('tile_overlap', 0, 'LQ pixels shared by neighbouring tiles'),
+                                ('tile_batch', 1, 'tiles per forward')):
+        value = val.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise OptionError(f'val:{key} must be an integer >= {least} ({meaning}), got {value!r}')
 
 
 def check_options(opt: dict, path: str, is_train: bool) -> None:
-    """Catch the usual mistakes before BasicSR creates folders or builds anything."""
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+    """Catch the usual mistakes before BasicSR creates folders or builds anything (options as
+    :func:`load_options` returns them)."""
+    from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
 
     for key in ('name', 'model_type', 'datasets', 'path'):
         if key not in opt:
@@ -74,26 +222,22 @@ def check_options(opt: dict, path: str, is_train: bool) -> None:
                                   f'(registered: {", ".join(sorted(ARCH_REGISTRY._obj_map))})')
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
         raise OptionError(f"{path}: 'datasets' must map phases (train, val, test_1, ...) to datasets")
+    in_chans = _network_channels(opt['network_g']) if isinstance(opt.get('network_g'), dict) else None
     for phase, ds in opt['datasets'].items():
-        if ds.get('type') not in DATASET_REGISTRY:
-            raise OptionError(f"{path}: unknown dataset type '{ds.get('type')}' in datasets:{phase}")
-        backend = (ds.get('io_backend') or {}).get('type', 'disk')
-        for root_key in ('dataroot_gt', 'dataroot_lq', 'meta_info_file'):
-            if ds.get(root_key) is None:
-                continue
-            for root in _as_list(ds[root_key]):
-                root = osp.expanduser(str(root))
-                if backend != 'disk' and root_key != 'meta_info_file':
-                    ok = osp.isdir(root) or osp.isfile(root)
-                else:
-                    ok = osp.exists(root)
-                if not ok:
-                    raise OptionError(f'datasets:{phase}:{root_key} not found: {root} '
-                                      f'(see datasets/README.md for how to prepare it)')
+        if not isinstance(ds, dict):
+            raise OptionError(f'{path}: datasets:{phase} must be a mapping of dataset options')
+        _check_dataset(ds, f'datasets:{phase}')
+        channels = _channels(ds)
+        if in_chans is not None and channels is not None and channels != in_chans:
+            raise OptionError(f'network_g:in_chans is {in_chans} but datasets:{phase} ({_kind(ds)}) gives '
+                              f'{channels}-channel images; make them agree (grayscale data: in_chans 1)')
     paths = opt.get('path') or {}
     for key, value in paths.items():
+        if ('pretrain_network' in key or key == 'resume_state') and value is not None and not isinstance(value, str):
+            raise OptionError(f'path:{key} must be a file path (a string), got {type(value).__name__} {value!r}')
         if key.startswith('pretrain_network') and value is not None and not osp.isfile(osp.expanduser(value)):
             raise OptionError(f'path:{key} not found: {value} (see experiments/pretrained_models/README.md)')
+    _check_val(opt.get('val') or {})
     if is_train and 'train' not in opt:
         raise OptionError(f"{path}: missing top-level key 'train' (losses, optimizer, total_iter)")
     _check_speed_options(opt, path, is_train)

@@ -31,7 +31,7 @@ def bicubic_test_options(data, scale: int) -> dict:
         datasets=dict(test_1=dataset('Set5'), test_2=dataset('Set14')),
         network_g=dict(type='Bicubic', upscale=scale),
         path=dict(pretrain_network_g=None, strict_load_g=True),
-        val=dict(save_img=False, suffix=None,
+        val=dict(save_img=False, suffix=None, tile=0,
                  metrics=dict(psnr=dict(type='calculate_psnr', crop_border=scale, test_y_channel=True),
                               ssim=dict(type='calculate_ssim', crop_border=scale, test_y_channel=True))))
 

@@ -95,7 +95,7 @@ def train_options(data: dict[str, Path], iters: int) -> dict:
         train=dict(optim_g=dict(type='Adam', lr=2e-3, weight_decay=0, betas=[0.9, 0.99]),
                    scheduler=dict(type='MultiStepLR', milestones=[iters // 2, iters * 3 // 4], gamma=0.5),
                    total_iter=iters, warmup_iter=-1, pixel_opt=dict(type='L1Loss', loss_weight=1.0, reduction='mean')),
-        val=dict(val_freq=max(iters // 4, 1), save_img=False, metrics=dict(psnr=_metrics()['psnr'])),
+        val=dict(val_freq=max(iters // 4, 1), save_img=False, tile=0, metrics=dict(psnr=_metrics()['psnr'])),
         logger=dict(print_freq=max(iters // 20, 1), save_checkpoint_freq=max(iters // 4, 1), use_tb_logger=True),
     )
 
@@ -105,7 +105,7 @@ def test_options(name: str, data: dict[str, Path], network: dict, weights: str |
         name=name, model_type='MambaIRModel', scale=SCALE, num_gpu='auto', manual_seed=10,
         datasets=dict(test_1=_dataset('skimage_val', data['val'], 'val')),
         network_g=network, path=dict(pretrain_network_g=weights, strict_load_g=True),
-        val=dict(save_img=True, suffix=None, metrics=_metrics()))
+        val=dict(save_img=True, suffix=None, tile=0, metrics=_metrics()))  # whole images
 
 
 def _run(module: str, opt_file: Path, cwd: Path) -> None:

@@ -1,9 +1,10 @@
 """``mambair-train`` / ``mambair-test``: BasicSR's training and test pipelines, with what their users miss.
 
 BasicSR's ``train_pipeline`` / ``test_pipeline`` do the work (HAT's ``train.py`` pattern); this module adds a
-documented ``--help``, experiments rooted in the current working directory (not in site-packages), the
-CPU-safe pieces of :mod:`basicsr_mambair.compat`, checks of the option file before anything is written, and
-one readable error line instead of a traceback wall (the traceback goes to the run's log file).
+documented ``--help``, experiments rooted in the current working directory (not in site-packages), checks of
+the option file before anything is written (the pipeline itself reads it through
+:func:`basicsr_mambair.compat.parse_options`, installed when the package is imported), and one readable error
+line and exit status instead of a traceback wall (the traceback goes to the run's log file).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 import basicsr_mambair  # noqa: F401  (registers our archs/datasets/models; aliases torchvision)
 
 from ..errors import MambaIRError, NothingToDo, OptionError
-from ..options import apply_overrides, check_options, read_option_file
+from ..options import check_options, load_options
 from .common import EXIT_NOTHING_RAN, EXIT_OK, EXIT_SOME_FAILED, error, note, run_command
 
 
@@ -89,16 +90,12 @@ def run(pipeline: Callable[[str], None], is_train: bool, argv: Sequence[str] | N
     args = parser.parse_args(argv)
 
     def prepare() -> int:
-        opt = apply_overrides(read_option_file(args.opt), args.force_yml)
-        check_options(opt, args.opt, is_train)
+        check_options(load_options(args.opt, args.force_yml), args.opt, is_train)
         return EXIT_OK
 
     status = run_command(parser.prog, prepare)
     if status != EXIT_OK:
         return status
-    from .. import compat
-
-    compat.patch_basicsr()
     sys.argv = [parser.prog, *_basicsr_argv(args)]  # BasicSR's parse_options reads sys.argv
     try:
         pipeline(os.getcwd())

@@ -19,7 +19,17 @@ from basicsr.utils import FileClient, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
-from .util import ProcessRNG, check_same_size, decode_image, encode_jpeg, gt_paths, name_seed, parse_range, to_float
+from .util import (
+    ProcessRNG,
+    check_same_size,
+    decode_image,
+    encode_jpeg,
+    gt_paths,
+    lq_name,
+    name_seed,
+    parse_range,
+    to_float,
+)
 
 
 @DATASET_REGISTRY.register()
@@ -76,13 +86,15 @@ class JPEGArtifactDataset(data.Dataset):
             raise FileNotFoundError(f'dataroot_lq not found: {lq_root}')
         pairs, missing = [], []
         for gt in gt_paths(opt):
-            lq = osp.join(lq_root, tmpl.format(osp.splitext(osp.basename(gt))[0]) + ext)
+            lq = osp.join(lq_root, lq_name(gt, tmpl, ext))
             if not osp.isfile(lq):
-                missing.append(lq)
+                missing.append((gt, lq))
             pairs.append({'gt_path': gt, 'lq_path': lq})
         if missing:
+            gt, lq = missing[0]
             raise FileNotFoundError(f'{len(missing)} of {len(pairs)} LQ images missing in {lq_root}, e.g. '
-                                    f'{osp.basename(missing[0])} (make them with mambair-make-jpeg)')
+                                    f'{osp.basename(lq)} for {osp.basename(gt)} (LQ files are named <GT name>{ext}; '
+                                    'make them with mambair-make-jpeg)')
         return pairs
 
     def _client(self) -> FileClient:

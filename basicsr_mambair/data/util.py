@@ -54,6 +54,13 @@ def gt_paths(opt: dict) -> list[str]:
     return [str(path) for path in list_images(root)]
 
 
+def lq_name(gt_name: str, filename_tmpl: str = '{}', ext: str | None = None) -> str:
+    """The LQ file name paired with the GT file ``gt_name``: ``filename_tmpl`` of its stem, then ``ext`` (CAR:
+    ``.jpg``) or the GT's own extension (BasicSR's and the official ``paired_paths_from_folder`` rule)."""
+    stem, gt_ext = osp.splitext(osp.basename(gt_name))
+    return filename_tmpl.format(stem) + (gt_ext if ext is None else ext)
+
+
 def decode_image(content: bytes | None, flag: str, path: str) -> np.ndarray:
     """``imfrombytes`` (uint8, BGR or gray) that fails with the image's name instead of returning None.
 

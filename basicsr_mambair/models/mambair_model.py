@@ -2,13 +2,14 @@
 
 Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving). What differs:
 
-- ``test()`` reads from the ``val`` options:
-  ``tile`` (LQ pixels; ``~`` = whole image), ``tile_overlap`` (default 32), ``tile_batch``
-  (tiles per forward, default 1), ``tile_mode`` (``blend``: overlapping tiles blended
-  linearly; ``official``: the official MambaIR tiling with hard seams, to reproduce published
-  numbers exactly) and ``self_ensemble`` (x8 flips/rotations). EMA weights are used when present.
-  ``window_size`` (as in Restormer-style options) reflect-pads the input to a multiple of it
-  and crops the output back.
+- ``test()`` without tiling options is the official ``MambaIRModel.test()`` (spec 4.2: 200-pixel tiles
+  with 10 % overlap and hard seams), so an official test file gives the official pipeline's numbers.
+  The ``val`` options choose otherwise: ``tile: 0`` (or ``~``) the whole image in one forward;
+  ``tile: N`` overlapping N-pixel LQ tiles blended smoothly (``tile_mode: blend``), with
+  ``tile_overlap`` (default 32) and ``tile_batch`` (tiles per forward, default 1);
+  ``tile_mode: official`` the official tiles explicitly. ``self_ensemble`` (x8 flips/rotations)
+  and ``window_size`` (as in Restormer-style options: reflect-pad the input to a multiple of it,
+  crop the output back) apply to any of them. EMA weights are used when present.
 - validation keeps every image's metric values (``per_image_results``) for result tables.
 - a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
 - checkpoints load with ``weights_only=True`` and are written atomically (a run killed while
@@ -175,15 +176,28 @@ class MambaIRModel(SRModel):
     def _test_net(self) -> torch.nn.Module:
         return self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
 
+    #: what ``test()`` does when the ``val`` options name no tiling: ``'official'`` (the official class's
+    #: 200-pixel tiles) or ``'whole'`` (one forward of the whole image)
+    default_tiling = 'official'
+
+    def tiling(self) -> tuple[str, int]:
+        """``('official' | 'blend' | 'whole', tile)`` from the ``val`` options (see the module docstring)."""
+        val_opt = self.opt.get('val') or {}
+        mode, tile = val_opt.get('tile_mode'), val_opt.get('tile')
+        if mode is None and 'tile' not in val_opt:
+            return self.default_tiling, 0
+        if mode not in (None, 'blend', 'official'):
+            raise ValueError(f"val:tile_mode must be 'blend' or 'official', not '{mode}'")
+        if mode == 'official':
+            return 'official', 0
+        return ('blend', int(tile)) if tile else ('whole', 0)
+
     def restore(self, lq: torch.Tensor) -> torch.Tensor:
         """The configured inference (tiles, self-ensemble) on an LQ batch (B, C, H, W)."""
         val_opt = self.opt.get('val') or {}
         scale = self.opt.get('scale', 1)
         net = self._test_net()
-        tile, mode = val_opt.get('tile'), val_opt.get('tile_mode', 'blend')
-        if mode not in ('blend', 'official'):
-            raise ValueError(f"val:tile_mode must be 'blend' or 'official', not '{mode}'")
-
+        mode, tile = self.tiling()
         multiple = int(val_opt.get('window_size') or 1)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +205,8 @@ class MambaIRModel(SRModel):
             x = pad_to_multiple(x, multiple)
             if mode == 'official':
                 out = forward_official_tiles(net, x, scale)
-            elif tile:
-                out = forward_tiled(net, x, scale, int(tile), int(val_opt.get('tile_overlap', 32)),
+            elif mode == 'blend':
+                out = forward_tiled(net, x, scale, tile, int(val_opt.get('tile_overlap', 32)),
                                     int(val_opt.get('tile_batch', 1)))
             else:
                 out = net(x)

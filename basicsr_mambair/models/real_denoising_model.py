@@ -13,6 +13,8 @@ The official code trains MambaIRUNet with Restormer's ``ImageCleanModel`` and a 
 - ``train:use_grad_clip``: clip the gradient norm to 0.01 (the official value).
 - ``train:scheduler:type: CosineAnnealingRestartCyclicLR`` (see :mod:`.lr_scheduler`).
 - ``val:window_size``: reflect-pad validation inputs to a multiple (handled by ``MambaIRModel``).
+- ``test()`` without tiling options runs the whole (padded) image, as ``ImageCleanModel`` and the official
+  SIDD/DND test scripts do (``MambaIRModel``'s official 200-pixel tiles belong to the SR/DN/CAR code).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ GRAD_CLIP_NORM = 0.01  # official value (Restormer, MambaIR realDN)
 @MODEL_REGISTRY.register()
 class RealDenoisingModel(MambaIRModel):
     """See the module docstring."""
+
+    default_tiling = 'whole'
 
     def init_training_settings(self) -> None:
         train_opt = self.opt['train']
