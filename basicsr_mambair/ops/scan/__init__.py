@@ -17,7 +17,8 @@ Backends behind :func:`selective_scan` (argument, :func:`scan_backend`, or ``MAM
 - ``reference`` (:mod:`.reference`): a plain sequential loop with autograd through it; slow, for tests.
 
 ``auto`` picks ``cuda`` for CUDA tensors when ``mamba_ssm`` imports, ``compiled`` for CPU tensors where
-the kernel builds, and ``torch`` otherwise.
+the kernel builds, and ``torch`` otherwise. During ``torch.onnx.export`` a call without ``backend=`` becomes one
+placeholder node instead (:mod:`.onnx_node`), which :mod:`basicsr_mambair.deploy` turns into standard ONNX ops.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import chunked, compiled, cuda
+from . import chunked, compiled, cuda, onnx_node
 from .common import ScanOut
 from .reference import selective_scan_reference
 
@@ -147,11 +148,13 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta_bias: (dim,) added to delta; delta_softplus: apply softplus to delta + delta_bias.
         return_last_state: also return the final state h[L-1], (batch, dim, N).
         backend: 'auto' | 'cuda' | 'compiled' | 'torch' | 'reference'; None: :func:`scan_backend` override, else
-            the ``MAMBAIR_SCAN`` environment variable, else 'auto'.
+            the ``MAMBAIR_SCAN`` environment variable, else 'auto' (and an ONNX node during ``torch.onnx.export``).
 
     Returns:
         y (batch, dim, L) in u's dtype, computed in float32 (float64 for float64 inputs); with
         ``return_last_state`` also the last state in the computation dtype.
     """
+    if backend is None and torch.onnx.is_in_onnx_export():  # no backend traces into a usable ONNX graph
+        return onnx_node.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     impl = _IMPLEMENTATIONS[resolve_backend(backend, u.device)]
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
