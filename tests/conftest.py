@@ -31,6 +31,7 @@ CONSOLE_SCRIPTS = {
     'mambair-test': 'basicsr_mambair.test',
     'mambair-demo': 'basicsr_mambair.demo',
     'mambair-restore': 'basicsr_mambair.restore_cli',
+    'mambair-export': 'basicsr_mambair.cli.export',
     'mambair-prepare-sidd': 'basicsr_mambair.tools.prepare_sidd',
     'mambair-extract-subimages': 'basicsr_mambair.tools.extract_subimages',
     'mambair-make-lr': 'basicsr_mambair.tools.make_lr',

@@ -296,7 +296,7 @@ def export_onnx(model: Any, path: str | os.PathLike, *, size: int | tuple[int, i
 
     path = os.fspath(path)
     if not overwrite and os.path.lexists(path):
-        raise FileExistsError(f'{path} exists (use --overwrite to replace it)')
+        raise FileExistsError(f'{path} exists')
     if dynamic is None:
         dynamic = size is None
     if dynamic and size is not None:

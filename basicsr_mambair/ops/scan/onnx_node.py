@@ -98,7 +98,8 @@ def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     """
     if return_last_state:
         raise NotImplementedError('return_last_state is not supported in an ONNX export')
-    check_shapes(u, delta, A, B, C)
+    if not torch.jit.is_tracing():  # traced: the real scan in _TracedScan.forward checks them (untraced)
+        check_shapes(u, delta, A, B, C)
     variant = ScanVariant(has_d=D is not None, has_bias=delta_bias is not None, has_z=z is not None,
                           softplus=delta_softplus)
     f32 = torch.float32
