@@ -307,3 +307,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys, shared_data, reference_dir):
         assert len(lines) == 1 and lines[0].startswith('mambair-export: error: ') and message in lines[0], err
     assert (tmp_path / 'car.onnx').read_bytes() == written  # the failed check replaced nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ['car.onnx', 'car.pth', 'foreign.pth']  # no temp files
+
+
+def test_dynamo_exporter(tmp_path, shared_data, reference_dir):
+    """torch's torch.export-based exporter (the fallback once the TorchScript one is gone) gives the same graph
+    semantics: standard ops, dynamic batch and size, onnxruntime == PyTorch."""
+    _require('onnxscript')
+    import onnx
+
+    from basicsr_mambair.deploy import OnnxModel, export_onnx
+
+    ref = torch.load(reference_dir / 'tiny_mambair_CAR.pt', weights_only=True)
+    net = arch_class(ref['arch_type'])(**ref['kwargs']).eval()
+    net.load_state_dict(ref['state_dict'])
+    result = export_onnx(net, tmp_path / 'dynamo.onnx', exporter='dynamo')
+    assert result.exporter == 'dynamo' and result.opset == 18
+    assert_standard_onnx(onnx.load(result.path))
+    runner = OnnxModel(result.path)
+    x = _image(shared_data, 'Classic5/peppers.bmp', 1, 100, 200, 19, 26)
+    assert np.abs(runner(x) - _torch(net, x)).max() < FP32_TOL
+    assert np.abs(runner(ref['input'].numpy()) - ref['output'].numpy()).max() < FP32_TOL
