@@ -274,8 +274,8 @@ def export_onnx(model: Any, path: str | os.PathLike, *, size: int | tuple[int, i
         path: the ``.onnx`` file to write (atomically; an existing file only with ``overwrite``).
         size: (H, W) of a static graph (an int for squares); None with ``dynamic`` unset: dynamic.
         dynamic: any input size (at least :func:`min_side` pixels). Default: dynamic unless ``size`` is given.
-        fp16: half-precision weights and activations (float32 graph input/output); the selective scan, its
-            projections' results and the final LayerNorm statistics stay float32. For GPUs; tolerance 1e-2.
+        fp16: half-precision weights and activations (float32 graph input/output), for GPUs; the selective scan
+            and its parameters (A, D, dt bias) stay float32, as in PyTorch (SS2D casts). Check tolerance 1e-2.
         opset: ONNX opset: 17-20 with the TorchScript exporter, 18-23 with dynamo; default the lowest.
         exporter: ``'auto'`` (TorchScript where torch has it, else dynamo), ``'torchscript'`` or ``'dynamo'``.
         task, opt, param_key: how to read a checkpoint, as :func:`basicsr_mambair.load_model`.
@@ -317,8 +317,6 @@ def export_onnx(model: Any, path: str | os.PathLike, *, size: int | tuple[int, i
     example = torch.rand(1, rm.in_channels, *hw, generator=torch.Generator().manual_seed(0))
     try:
         raw = _trace(_Exported(net, fp16).eval(), example, exporter, opset, dynamic, smallest)
-    except ExportError:
-        raise
     except Exception as exc:  # noqa: BLE001  (an exporter failure, with its own long message: one line)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ''
         raise ExportError(f'torch.onnx.export ({exporter}) failed: {type(exc).__name__}: {first}') from exc
