@@ -28,8 +28,8 @@ examples:
 
 The graph: input "input", float32 (batch, C, H, W) in [0, 1], RGB (gray for CAR networks); output
 "output", float32 (batch, C, scale*H, scale*W), not clamped. The selective scan is expressed with
-standard ONNX operators (three Scan loops over chunks of the H*W sequence), so any ONNX runtime runs it
-(onnxruntime's CPU and CUDA providers included); there is no custom op.
+standard ONNX operators (three Scan loops over chunks of the H*W sequence): no custom op, nothing to
+register in the runtime.
 
 Size: dynamic by default (any H and W; MambaIRUNet needs sides of at least 5 pixels and pads to multiples
 of 8 inside the graph); --size HxW fixes it (the batch stays dynamic). --fp16 stores weights and
@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--fp16', action='store_true',
                         help='half-precision weights and activations (for GPUs); the selective scan stays float32')
     parser.add_argument('--opset', type=int, metavar='N',
-                        help='ONNX opset (default 17; 17-20 with the torchscript exporter, 18-23 with dynamo)')
+                        help='ONNX opset: 17-20 with the torchscript exporter (default 17), 18-23 with dynamo '
+                             '(default 18)')
     parser.add_argument('--exporter', default='auto', choices=('auto', 'torchscript', 'dynamo'),
                         help="torch's exporter (default auto: torchscript where torch still has it, it is "
                              "about 10x faster)")
