@@ -13,7 +13,7 @@ runs after one warm-up (slow cases: one run). PyTorch's forward (the compiled C 
 
 Usage::
 
-    python benchmarks/bench_onnx.py                       # everything (about 10 min on one core)
+    python benchmarks/bench_onnx.py                       # everything (~30 min on our busy 2-core machine)
     python benchmarks/bench_onnx.py --formulations chunked --sides 64
 """
 
