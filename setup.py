@@ -37,6 +37,9 @@ setup(
         'cuda': ['mamba-ssm>=1.0.1', 'causal-conv1d>=1.0.0'],
         'test': ['pytest>=7', 'ruff'],
         'bench': ['mambapy'],
+        # mambair-export / basicsr_mambair.deploy; onnxscript only for torch's dynamo exporter (--exporter dynamo,
+        # and 'auto' once torch drops the TorchScript exporter)
+        'onnx': ['onnx>=1.16', 'onnxruntime>=1.16', 'onnxscript'],
     },
     entry_points={
         'console_scripts': [
@@ -44,6 +47,7 @@ setup(
             'mambair-test=basicsr_mambair.cli.train:main_test',
             'mambair-demo=basicsr_mambair.cli.demo:main',
             'mambair-restore=basicsr_mambair.cli.restore:main',
+            'mambair-export=basicsr_mambair.cli.export:main',
             'mambair-prepare-sidd=basicsr_mambair.cli.prepare_sidd:main',
             'mambair-extract-subimages=basicsr_mambair.cli.extract_subimages:main',
             'mambair-make-lr=basicsr_mambair.cli.make_lr:main',

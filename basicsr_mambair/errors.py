@@ -8,7 +8,8 @@ an exit status (see ``cli/common.py``).
 from __future__ import annotations
 
 __all__ = ['MambaIRError', 'describe_error', 'OptionError', 'NothingToDo', 'CheckpointError', 'RestoreError',
-           'ImageError', 'OutOfMemory', 'KernelUnavailable', 'NonFiniteLossError', 'ToolError']
+           'ImageError', 'OutOfMemory', 'KernelUnavailable', 'NonFiniteLossError', 'ToolError', 'ExportError',
+           'CheckFailed']
 
 
 class MambaIRError(Exception):
@@ -73,3 +74,11 @@ class NonFiniteLossError(MambaIRError, RuntimeError):
 
 class ToolError(MambaIRError):
     """A problem with the input or output of a data tool that the user must fix."""
+
+
+class ExportError(MambaIRError):
+    """A network cannot be exported (missing packages, bad arguments, an exporter failure, non-standard ops)."""
+
+
+class CheckFailed(ExportError):
+    """An exported graph, run with ONNX Runtime, differs from PyTorch by more than the tolerance."""

@@ -25,10 +25,14 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad (..., H, W) at the bottom/right to multiples of ``multiple`` by reflection (crop the result back).
 
-    Reflection needs the pad to be smaller than the side; tiny sides are padded by edge replication.
+    Reflection needs the pad to be smaller than the side; tiny sides are padded by edge replication. During
+    ``torch.onnx.export`` the pad is always applied (maybe by 0) and reflects: the graph then pads any size,
+    from the shapes it is given at run time (sides of at least ``multiple // 2 + 1`` pixels).
     """
     h, w = x.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
+    if torch.onnx.is_in_onnx_export():
+        return F.pad(x, (0, pad_w, 0, pad_h), mode='reflect')
     if pad_h == 0 and pad_w == 0:
         return x
     mode = 'reflect' if pad_h < h and pad_w < w else 'replicate'

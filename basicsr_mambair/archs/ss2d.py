@@ -49,6 +49,9 @@ def cross_scan(x: torch.Tensor) -> torch.Tensor:
         (B, 4, D, H*W): [row-major, column-major, reversed row-major, reversed column-major]; position
         ``h*W + w`` of direction 0 and ``w*H + h`` of direction 1 hold ``x[..., h, w]``.
     """
+    if torch.onnx.is_in_onnx_export():  # the copies into views below would export as slow scatters
+        rows_cols = torch.stack([x.flatten(2), x.transpose(2, 3).flatten(2)], dim=1)
+        return torch.cat([rows_cols, rows_cols.flip(-1)], dim=1)
     b, d, h, w = x.shape
     xs = x.new_empty(b, NUM_DIRECTIONS, d, h * w)
     # Two strided copies straight into the output (no stack/cat temporaries), then one flip for both

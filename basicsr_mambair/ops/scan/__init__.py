@@ -23,14 +23,16 @@ tensors ``compiled`` where the kernel builds; and ``torch`` otherwise.
 
 Under ``torch.compile`` the scan is one opaque ``torch.library`` custom op (:mod:`.op`) that calls the same
 dispatcher (:mod:`.dispatch`) at run time, so the graph does not break on it whatever the backend; eager calls
-skip the op.
+skip the op. During ``torch.onnx.export`` a call without ``backend=`` becomes one placeholder node instead
+(:mod:`.onnx_node`), which :mod:`basicsr_mambair.deploy` turns into standard ONNX ops.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from . import chunked, compiled, cuda, op, triton  # noqa: F401  (the backends, as attributes of this package)
+from . import chunked, compiled, cuda, onnx_node, op, triton  # noqa: F401  (the backends, as attributes)
 from .common import ScanOut
 from .dispatch import BACKENDS, ENV_VAR, get_backend, reset, resolve_backend, run, scan_backend
 from .reference import selective_scan_reference
@@ -52,12 +54,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         delta_bias: (dim,) added to delta; delta_softplus: apply softplus to delta + delta_bias.
         return_last_state: also return the final state h[L-1], (batch, dim, N).
         backend: 'auto' | 'cuda' | 'triton' | 'compiled' | 'torch' | 'reference'; None: :func:`scan_backend`
-            override, else the ``MAMBAIR_SCAN`` environment variable, else 'auto'.
+            override, else the ``MAMBAIR_SCAN`` environment variable, else 'auto' (and an ONNX node during
+            ``torch.onnx.export``).
 
     Returns:
         y (batch, dim, L) in u's dtype, computed in float32 (float64 for float64 inputs); with
         ``return_last_state`` also the last state in the computation dtype.
     """
+    if backend is None and torch.onnx.is_in_onnx_export():  # no backend traces into a usable ONNX graph
+        return onnx_node.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if op.compiling():  # one opaque node in the graph; the backend is resolved when it runs
         return op.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
     return run(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
