@@ -19,8 +19,8 @@ TINY_NETWORK = dict(type='MambaIR', upscale=2, in_chans=3, embed_dim=30, depths=
                     upsampler='pixelshuffledirect')
 
 EXPECTED_REGISTERED = {
-    'arch': {'MambaIR', 'MambaIRUNet', 'Bicubic'},
-    'model': {'MambaIRModel', 'RealDenoisingModel'},
+    'arch': {'MambaIR', 'MambaIRUNet', 'Bicubic', 'MambaIRv2', 'MambaIRv2Light'},
+    'model': {'MambaIRModel', 'RealDenoisingModel', 'MambaIRv2Model', 'MambaIRv2LightModel'},
 }
 
 

@@ -23,15 +23,14 @@ LAYERS = r'^layers\.(\d+)\.residual_group\.layers\.(\d+)\.'
 FFN_KEYS = {'MambaIRv2': 'convffn1.dwconv.', 'MambaIRv2Light': 'convffn1.sg.'}
 
 # Peak activation memory of one eval/no_grad forward per LQ pixel, float32, measured on the CPU with
-# torch.profiler(profile_memory=True) as the slope between 48^2 and 96^2 inputs (benchmarks/bench_memory.py).
-# Two parts grow with the pixels: the attention scores of a window and their softmax, (heads, ws^2) float32
-# values each per pixel (ws 16: 1 kB per head, twice), and the per-channel activations of the ASSM / FFN at
-# width hidden = int(mlp_ratio * embed_dim). Measured (kB / LQ pixel): v2_lightSR_x2 (4 heads, hidden 48) 14.6,
-# v2_classicSR_Small_x2 (4, 264) 26.7, Base (6, 348) 36.7, Large 36.7, v2_colorDN / v2_CAR (6, 348) 36.7; that
-# is 2 * 4 * heads * ws^2 bytes for the scores plus 26-30 bytes per hidden channel. The estimate below
-# bounds each measurement by 20-30 %; the SR head's HR features are added as for MambaIR.
-BYTES_PER_HIDDEN_CHANNEL = 40
-BYTES_PER_SCORE = 10  # per attention score (float32: the scores and their softmax, 8 bytes), with a margin
+# torch.profiler(profile_memory=True) as the slope between 48^2 and 96^2 inputs (benchmarks/bench_memory.py):
+# v2_lightSR_x2 and x4 (4 heads, embed_dim 48) 11.1 kB, v2_classicSR_Small_x2 (4 heads, 132) 14.5 kB, Base x2 and
+# x4, colour DN, CAR (6 heads, 174) 20.3 kB. The peak is in the window attention: its scores and their softmax,
+# heads * ws^2 float32 values each per pixel (8.2 kB for 4 heads of 16 x 16 windows, 12.3 kB for 6), plus 46-60
+# bytes per token channel (the tokens, their norm, qkv and its windows). 10 bytes per score and 64 per channel
+# bound each measurement by 20-45 % (the ASSM and the FFN peak lower); the SR head's HR features are added on top.
+BYTES_PER_SCORE = 10
+BYTES_PER_CHANNEL = 64
 
 # Constructor arguments that leave no trace in the weights, with the value a network loaded from a state dict
 # gets (the constructor defaults; every official config uses them). ``routing=None``: deterministic in eval.
@@ -166,20 +165,20 @@ def infer_as(arch_type: str, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def describe_as(arch_type: str, kwargs: Mapping[str, Any]) -> ArchInfo:
-    """MambaIRv2's memory estimate per LQ pixel: the window attention's scores (``10 * heads * ws^2`` bytes,
-    the widest group) + ``40 * int(mlp_ratio * embed_dim)`` + the HR head, as for MambaIR."""
+    """MambaIRv2's memory estimate per LQ pixel: ``10 * heads * ws^2`` (the attention scores of the group with
+    the most heads) + ``64 * embed_dim`` bytes + the HR head as for MambaIR (nearest+conv: three 64-channel maps).
+    Sides are padded to multiples of ``window_size`` inside the network: tiles are multiples of it."""
     full = {**constructor_defaults(arch_type), **kwargs}
     upsampler = full['upsampler'] or ''
     heads = max(list(full['num_heads'])[:len(full['depths'])])
     ws = int(full['window_size'])
     scale = int(full['upscale']) if upsampler in ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv') else 1
     channels = int(full['in_chans'])
-    hidden = int(float(full['mlp_ratio']) * int(full['embed_dim']))
     head_channels = {'pixelshuffle': 2 * NUM_FEAT, 'nearest+conv': 3 * NUM_FEAT,
                      'pixelshuffledirect': 2 * channels}.get(upsampler, 0)
     return ArchInfo(arch_type=arch_type, scale=scale, in_channels=channels, out_channels=channels,
                     purpose='SR' if scale > 1 else 'Restoration',
-                    bytes_per_pixel=BYTES_PER_SCORE * heads * ws * ws + BYTES_PER_HIDDEN_CHANNEL * hidden
+                    bytes_per_pixel=BYTES_PER_SCORE * heads * ws * ws + BYTES_PER_CHANNEL * int(full['embed_dim'])
                     + 4 * scale ** 2 * head_channels,
                     size_multiple=ws, fp16=True, bf16=True)
 
