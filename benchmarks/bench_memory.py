@@ -2,8 +2,8 @@
 
 The peak bytes allocated during a forward (``torch.profiler`` memory events; MambaIRv2 with deterministic
 routing, its eval default) at two input sizes give the growth per pixel (the slope) and the fixed part (the
-intercept); ``mambair-restore --tile auto`` plans with :attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel`, which should
-lie a little above the slope.
+intercept); ``mambair-restore --tile auto`` plans with
+:attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel`, which should lie a little above the slope.
 
     python benchmarks/bench_memory.py [--sides 48 96] [--presets lightSR_x2 v2_lightSR_x2 ...]
 """
