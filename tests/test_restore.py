@@ -210,7 +210,8 @@ def test_inference_is_exact_for_every_official_config(name: str, sharing: list) 
     assert shaping_args(model.arch_type, model.kwargs) == shaping_args(preset.arch_type, preset.kwargs)
     assert (model.scale, model.in_channels) == (preset.scale, preset.in_channels)
     assert list(model.presets) == sharing
-    assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.net.state_dict().items())
+    expected = net.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.net.state_dict().items())
 
 
 @pytest.mark.parametrize('name', REFERENCE_FILES)
@@ -580,8 +581,10 @@ def test_choose_tile_takes_multiples_of_the_v2_window(reference_dir: Path) -> No
     ref = torch.load(reference_dir / 'mambairv2_lightSR_x2.pt', weights_only=True)
     model = load_model(ref['state_dict'], device='cpu')
     assert model.info.size_multiple == 16
-    sides = {choose_tile(model.info, model.device, 1500, 2000, overlap=20, available=gib << 28) for gib in range(1, 9)}
-    assert all(side % 16 == 0 for side in sides) and len(sides) > 4 and max(sides) < 1500, sorted(sides)
+    sides = [choose_tile(model.info, model.device, 600, 800, overlap=20, available=mib << 20)
+             for mib in (8, 400, 800, 1600, 3200)]
+    assert sides[0] == 48  # the least tile, 2 x overlap, rounded up to the window
+    assert all(side % 16 == 0 for side in sides) and sides == sorted(set(sides)) and sides[-1] < 600, sides
 
 
 def test_oom_error_is_raised_by_the_api(checkpoints, monkeypatch) -> None:
