@@ -364,6 +364,18 @@ def test_inconsistent_checkpoint_names_keys_and_preset(checkpoints, tmp_path: Pa
             f'(1; checkpoint vs preset): {key} (288, 16) vs (288, 10)') in message
 
 
+def test_inconsistent_v2_checkpoint_names_keys_and_preset(reference_dir: Path) -> None:
+    state = dict(torch.load(reference_dir / 'mambairv2_lightSR_x2.pt', weights_only=True)['state_dict'])
+    key = 'layers.3.residual_group.layers.4.assm.selectiveScan.A_logs'
+    state[key] = torch.zeros(48, 16)
+    with pytest.raises(CheckpointError) as info:
+        load_model(state, device='cpu')
+    assert str(info.value) == (
+        f'cannot infer the MambaIRv2Light config: {key} has shape (48, 16), expected (48, 8) for embed_dim 48, '
+        'hidden 48, d_state 8, inner_rank 32, num_tokens 64; closest official preset: v2_lightSR_x2 (MambaIRv2Light; '
+        f'1018 of its 1019 keys agree); wrongly shaped (1; checkpoint vs preset): {key} (48, 16) vs (48, 8)')
+
+
 def test_task_of_another_config_gives_the_load_checked_message(checkpoints, tmp_path: Path, capsys) -> None:
     weights, _ = checkpoints('lightSR_x2')
     assert restore_cli.main(['x.png', '-o', str(tmp_path), '--weights', str(weights), '--task', 'lightSR_x4']) == 2
