@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .archs.assm import ROUTING_MODES
 from .archs.support import FAMILIES, ArchInfo, describe, infer_config
 from .errors import CheckpointError, ImageError, OptionError, OutOfMemory, RestoreError
 from .image_convert import array_to_pil, finish, is_pil, pil_to_array, prepare
@@ -62,6 +63,8 @@ class RestoreModel:
         task: the preset named at loading (``task=...``), else None.
         presets: the official presets whose network has these parameters (e.g. all of ``CAR_10/30/40``), or none.
         source: where the weights came from.
+        routing: the token routing the network uses in eval (``'deterministic'`` / ``'gumbel'``; MambaIRv2), or
+            None for networks without routing.
     """
 
     net: nn.Module = field(repr=False)
@@ -75,6 +78,7 @@ class RestoreModel:
     task: str | None = None
     presets: tuple[str, ...] = ()
     source: str = ''
+    routing: str | None = None
 
     def __call__(self, lq: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) float32 in [0, 1] on ``device`` -> (B, out_channels, H*s, W*s) float32 (unclamped)."""
@@ -101,8 +105,9 @@ class RestoreModel:
         """One line: architecture, matching presets, scale, channels, parameters, device, precision."""
         params = sum(p.numel() for p in self.net.parameters())
         config = self.task or ('/'.join(self.presets) if self.presets else 'custom config')
+        routing = f', {self.routing} routing' if self.routing else ''
         return (f'{self.arch_type} ({config}), x{self.scale}, {self.in_channels}->{self.out_channels} channels, '
-                f'{params / 1e6:.2f} M params, {self.device} {self.precision}')
+                f'{params / 1e6:.2f} M params, {self.device} {self.precision}{routing}')
 
 
 def resolve_device(device: str | torch.device | None = 'auto') -> torch.device:
@@ -150,31 +155,38 @@ def _network_from_options(opt: str | os.PathLike | Mapping[str, Any]) -> tuple[d
 
 def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: str | None = None, *,
                opt: str | os.PathLike | Mapping[str, Any] | None = None, device: str | torch.device = 'auto',
-               precision: str = 'fp32', param_key: str = 'params') -> RestoreModel:
+               precision: str = 'fp32', param_key: str = 'params', routing: str | None = None) -> RestoreModel:
     """Build the network of a checkpoint and load its weights.
 
     Args:
         weights: a checkpoint file (``torch.save`` of ``{'params': state_dict}``, ``{'params_ema': ...}`` or a
             bare state dict; read with ``weights_only=True``, so pickled code is refused), or such a dict.
-        task: an official preset (``classicSR_x4``, ``lightSR_x2``, ``colorDN_25``, ``CAR_10``, ``realDN``, ...;
-            see :data:`basicsr_mambair.presets.PRESETS`). The checkpoint must fit it exactly.
+        task: an official preset (``classicSR_x4``, ``lightSR_x2``, ``colorDN_25``, ``CAR_10``, ``realDN``,
+            ``v2_lightSR_x2``, ``v2_classicSR_Base_x4``, ...; see :data:`basicsr_mambair.presets.PRESETS`). The
+            checkpoint must fit it exactly.
         opt: instead of ``task``: a BasicSR option file (or its dict); its ``network_g`` is built.
         device: ``'auto'``, ``'cpu'``, ``'cuda'``, ``'cuda:N'``.
         precision: ``'fp32'``; ``'fp16'`` (CUDA only) or ``'bf16'`` run the network under autocast, with
             the selective scan kept in float32.
         param_key: the checkpoint entry holding the weights (falls back to ``params``, as BasicSR).
+        routing: the token routing of a MambaIRv2 network: ``'deterministic'`` (the argmax of the route and a
+            stable sort: the output is a function of the input) or ``'gumbel'`` (the official code's routing,
+            Gumbel noise from the torch RNG also at test time: outputs vary from run to run unless seeded).
+            None keeps the network's own choice (``network_g.routing`` of ``opt``), by default its eval
+            routing, deterministic. Other networks have no routing: only None is accepted for them.
 
     Without ``task`` and ``opt`` the architecture and every parameter-shaping argument (arch family,
-    embed_dim, depths, d_state, mlp_ratio, upsampler, upscale, channels, ...) are inferred from the
-    state dict's keys and shapes. Arguments that leave no trace in the weights keep their defaults
-    (``img_range`` 1.0, as in every official config); pass ``opt`` for a network trained otherwise.
+    embed_dim, depths, d_state, mlp_ratio, upsampler, upscale, channels; for MambaIRv2 also num_heads,
+    window_size, inner_rank, num_tokens, ...) are inferred from the state dict's keys and shapes. Arguments
+    that leave no trace in the weights keep their defaults (``img_range`` 1.0, as in every official config);
+    pass ``opt`` for a network trained otherwise.
 
     Raises:
         FileNotFoundError: no such checkpoint file.
         CheckpointError: unreadable or unsafe checkpoint, not a MambaIR-family state dict (the message
             names the keys that disagree with the closest official preset), or weights not fitting ``task``/
             ``opt`` (the message names the config difference).
-        RestoreError: bad ``task``/``opt``/``device``/``precision``.
+        RestoreError: bad ``task``/``opt``/``device``/``precision``/``routing``.
     """
     from basicsr.utils.registry import ARCH_REGISTRY
 
@@ -182,6 +194,8 @@ def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: st
         raise RestoreError('give either a task preset or an option file, not both')
     dev = resolve_device(device)
     _check_precision(precision, dev)
+    if routing is not None and routing not in ROUTING_MODES:
+        raise RestoreError(f"unknown routing {routing!r} (use {' or '.join(ROUTING_MODES)})")
 
     if isinstance(weights, Mapping):  # a state dict, or a loaded checkpoint holding one under param_key
         source = 'the state dict'
@@ -216,6 +230,11 @@ def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: st
     except (TypeError, ValueError) as exc:  # e.g. a misspelt argument in an option file
         raise RestoreError(f'cannot build {arch_type} from network_g: {exc}') from None
     load_checked(net, state_dict, strict=True, source=source)
+    has_routing = hasattr(type(net), 'routing')  # MambaIRv2's property (duck-typed: no arch names here)
+    if routing is not None:
+        if not has_routing:
+            raise RestoreError(f'routing {routing!r}: {arch_type} networks route no tokens (only None is accepted)')
+        net.routing = routing
     net.eval().to(dev)
     for param in net.parameters():
         param.requires_grad_(False)
@@ -229,7 +248,7 @@ def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: st
         presets = ()
     return RestoreModel(net=net, arch_type=arch_type, kwargs=network, scale=info.scale, in_channels=info.in_channels,
                         out_channels=info.out_channels, device=dev, precision=precision, task=task, presets=presets,
-                        source=source)
+                        source=source, routing=(net.routing or 'deterministic') if has_routing else None)
 
 
 

@@ -98,7 +98,7 @@ def choose_tile(info: ArchInfo, device: torch.device, height: int, width: int, o
 
     Peak = ``FIXED_BYTES`` + whole-image buffers + tile pixels x ``info.bytes_per_pixel``, to fit into
     ``MEMORY_FRACTION`` of ``available`` (default: :func:`available_memory` of ``device``). Tiles are multiples
-    of 8 (and of the arch's size multiple), at least ``max(32, 2 * overlap)``.
+    of 8 (and of the arch's size multiple), at least ``max(32, 2 * overlap)`` (rounded up to that multiple).
     """
     if available is None:
         available = available_memory(device)
@@ -108,7 +108,8 @@ def choose_tile(info: ArchInfo, device: torch.device, height: int, width: int, o
         return 0
     multiple = math.lcm(TILE_MULTIPLE, info.size_multiple)
     side = math.isqrt(max(budget, 0) // per_pixel) // multiple * multiple
-    return max(side, MIN_AUTO_TILE, 2 * overlap)
+    least = -(-max(MIN_AUTO_TILE, 2 * overlap) // multiple) * multiple  # the floor is a multiple too
+    return max(side, least)
 
 
 def is_oom(exc: BaseException) -> bool:

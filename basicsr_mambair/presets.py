@@ -1,7 +1,8 @@
 """The official MambaIR / MambaIRUNet network configurations by task name, and matching weights against them.
 
 ``network_g`` arguments are exactly those of the official test option files (spec Table A; the
-train files are identical up to ignored leftovers such as ``window_size``); the evaluation
+train files are identical up to ignored leftovers such as ``window_size``; MambaIRv2 colour DN sigma 25 / 50,
+which have train files only, as sigma 15); the evaluation
 convention (scale, metric crop border, Y channel) is that of the official test files (Table C).
 
 Example::
@@ -10,7 +11,10 @@ Example::
     preset.network_g()  # {'type': 'MambaIR', 'upscale': 4, 'in_chans': 3, ..., 'upsampler': 'pixelshuffledirect'}
     preset.crop_border, preset.test_y_channel  # (4, True)
 
-Names: ``classicSR_x2/x3/x4``, ``lightSR_x2/x3/x4``, ``colorDN_15/25/50``, ``CAR_10/30/40``, ``realDN``.
+Names: MambaIR ``classicSR_x2/x3/x4``, ``lightSR_x2/x3/x4``, ``colorDN_15/25/50``, ``CAR_10/30/40``; MambaIRUNet
+``realDN``; MambaIRv2 the same task names with a ``v2_`` prefix, the classic-SR ones with the model size:
+``v2_lightSR_x2/x3/x4``, ``v2_classicSR_{Small,Base,Large}_x2/x3/x4``, ``v2_colorDN_15/25/50``, ``v2_CAR_10/30/40``
+(colour DN sigma 25 / 50 have official training options but no released weights).
 
 :func:`matching_presets` says which presets a configuration (from
 :func:`basicsr_mambair.archs.support.infer_config`) is; :func:`explain_preset_mismatch` how a state dict
@@ -120,6 +124,50 @@ def _real_dn() -> Preset:
         crop_border=0, test_y_channel=False, test_sets=('SIDD', 'DND'))
 
 
+# MambaIRv2 (options/{train,test}/mambairv2/*.yml of the official main branch): Base-sized attention / ASSM
+# settings shared by every config but the light one.
+_V2 = {'img_size': 64, 'window_size': 16, 'inner_rank': 64, 'num_tokens': 128, 'convffn_kernel_size': 5,
+       'mlp_ratio': 2.0, 'd_state': 16}
+# embed_dim, depths, num_heads of the classic-SR sizes
+V2_CLASSIC_SIZES = {'Small': (132, [4] * 6, [4] * 6), 'Base': (174, [6] * 6, [6] * 6), 'Large': (174, [6] * 9, [6] * 9)}
+
+
+def _v2_light_sr(scale: int) -> Preset:
+    return Preset(
+        name=f'v2_lightSR_x{scale}', arch_type='MambaIRv2Light', scale=scale, in_channels=3, task='SR',
+        kwargs={'upscale': scale, 'in_chans': 3, 'img_size': 64, 'img_range': 1.0, 'embed_dim': 48,
+                'd_state': 8, 'depths': [5] * 4, 'num_heads': [4] * 4, 'window_size': 16, 'inner_rank': 32,
+                'num_tokens': 64, 'convffn_kernel_size': 5, 'mlp_ratio': 1.0, 'upsampler': 'pixelshuffledirect',
+                'resi_connection': '1conv'},
+        crop_border=scale, test_y_channel=True, test_sets=_SR_SETS)
+
+
+def _v2_classic_sr(size: str, scale: int) -> Preset:
+    embed_dim, depths, heads = V2_CLASSIC_SIZES[size]
+    return Preset(
+        name=f'v2_classicSR_{size}_x{scale}', arch_type='MambaIRv2', scale=scale, in_channels=3, task='SR',
+        kwargs={'upscale': scale, 'in_chans': 3, 'img_range': 1.0, 'embed_dim': embed_dim, 'depths': list(depths),
+                'num_heads': list(heads), **_V2, 'upsampler': 'pixelshuffle', 'resi_connection': '1conv'},
+        crop_border=scale, test_y_channel=True, test_sets=_SR_SETS)
+
+
+def _v2_color_dn(sigma: int) -> Preset:
+    return Preset(
+        name=f'v2_colorDN_{sigma}', arch_type='MambaIRv2', scale=1, in_channels=3, task='denoising_color',
+        noise=sigma,
+        kwargs={'upscale': 1, 'in_chans': 3, 'img_range': 1.0, 'embed_dim': 174, 'depths': [6] * 6,
+                'num_heads': [6] * 6, **_V2, 'img_size': 128},
+        crop_border=0, test_y_channel=False, test_sets=('CBSD68', 'Kodak24', 'McMaster', 'Urban100'))
+
+
+def _v2_car(quality: int) -> Preset:
+    return Preset(
+        name=f'v2_CAR_{quality}', arch_type='MambaIRv2', scale=1, in_channels=1, task='CAR', jpeg_quality=quality,
+        kwargs={'upscale': 1, 'in_chans': 1, 'embed_dim': 174, 'depths': [6] * 6, 'num_heads': [6] * 6, **_V2,
+                'img_size': 126},
+        crop_border=0, test_y_channel=True, test_sets=('Classic5', 'LIVE1'))
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (
         *(_classic_sr(s) for s in (2, 3, 4)),
@@ -127,6 +175,10 @@ PRESETS: dict[str, Preset] = {
         *(_color_dn(n) for n in (15, 25, 50)),
         *(_car(q) for q in (10, 30, 40)),
         _real_dn(),
+        *(_v2_light_sr(s) for s in (2, 3, 4)),
+        *(_v2_classic_sr(size, s) for size in V2_CLASSIC_SIZES for s in (2, 3, 4)),
+        *(_v2_color_dn(n) for n in (15, 25, 50)),
+        *(_v2_car(q) for q in (10, 30, 40)),
     )
 }
 

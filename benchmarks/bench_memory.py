@@ -1,11 +1,11 @@
 """Activation memory per LQ pixel of each official configuration (CPU, float32), vs ``--tile auto``'s estimate.
 
-The peak bytes allocated during a forward (``torch.profiler`` memory events) at two input sizes
-give the growth per pixel (the slope) and the fixed part (the intercept); ``mambair-restore
---tile auto`` plans with :attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel`, which should
-lie a little above the slope.
+The peak bytes allocated during a forward (``torch.profiler`` memory events; MambaIRv2 with deterministic
+routing, its eval default) at two input sizes give the growth per pixel (the slope) and the fixed part (the
+intercept); ``mambair-restore --tile auto`` plans with
+:attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel`, which should lie a little above the slope.
 
-    python benchmarks/bench_memory.py [--sides 48 96]
+    python benchmarks/bench_memory.py [--sides 48 96] [--presets lightSR_x2 v2_lightSR_x2 ...]
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from basicsr_mambair.archs.support import describe
 from basicsr_mambair.memory import measure_peak_bytes
 from basicsr_mambair.presets import get_preset
 
-PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realDN')
+PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realDN',
+           'v2_lightSR_x2', 'v2_lightSR_x4', 'v2_colorDN_15', 'v2_CAR_10', 'v2_classicSR_Small_x2',
+           'v2_classicSR_Base_x2', 'v2_classicSR_Base_x4', 'v2_classicSR_Large_x2')
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sides', type=int, nargs=2, default=[48, 96], help='two LQ input sides (px)')
+    parser.add_argument('--presets', nargs='+', default=list(PRESETS), metavar='NAME', help='presets to measure')
     args = parser.parse_args()
     torch.set_num_threads(1)
     small, large = args.sides
@@ -32,7 +35,7 @@ def main() -> None:
           f'{os.cpu_count()} logical cores')
     print('| preset | d_inner | measured (kB / LQ pixel) | fixed part (MB) | estimate (kB / LQ pixel) |')
     print('|---|---|---|---|---|')
-    for name in PRESETS:
+    for name in args.presets:
         preset = get_preset(name)
         net = preset.build().eval()
         peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}

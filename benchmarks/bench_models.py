@@ -40,6 +40,17 @@ CASES = {  # name: (preset, LR side)
     'lightSR_x4@256': ('lightSR_x4', 256),
     'classicSR_x2@64': ('classicSR_x2', 64),
 }
+# MambaIRv2 beside the MambaIR of the same task (issue 14; eval, so deterministic routing):
+#   --cases lightSR_x2@64 v2_lightSR_x2@64 classicSR_x2@64 v2_classicSR_Small_x2@64 v2_classicSR_Base_x2@64
+V2_CASES = {
+    'lightSR_x2@64': ('lightSR_x2', 64),
+    'v2_lightSR_x2@64': ('v2_lightSR_x2', 64),
+    'v2_classicSR_Small_x2@64': ('v2_classicSR_Small_x2', 64),
+    'v2_classicSR_Base_x2@64': ('v2_classicSR_Base_x2', 64),
+    'v2_classicSR_Large_x2@64': ('v2_classicSR_Large_x2', 64),
+    'v2_lightSR_x4@128': ('v2_lightSR_x4', 128),
+}
+CASES.update(V2_CASES)
 BACKENDS = ('compiled', 'torch', 'reference')
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REFERENCE_FILES, arch_class, constructor_args
+from helpers import REFERENCE_FILES, V2_REFERENCE_FILES, arch_class, constructor_args
 
 import basicsr_mambair  # noqa: F401  (registers the archs)
 from basicsr_mambair.archs.mambair_arch import MambaIR
@@ -52,6 +52,18 @@ ROUND_TRIPS = [
     pytest.param('MambaIRUNet', {'inp_channels': 3, 'out_channels': 6, 'dim': 32, 'num_blocks': [1, 1, 1, 1],
                                  'num_refinement_blocks': 0, 'mlp_ratio': 2.0, 'dual_pixel_task': True},
                  id='unet-dual-pixel'),
+    pytest.param('MambaIRv2', {'in_chans': 1, 'embed_dim': 24, 'depths': [1, 2], 'num_heads': [2, 3], 'window_size': 8,
+                               'inner_rank': 8, 'num_tokens': 12, 'd_state': 4, 'mlp_ratio': 1.5,
+                               'convffn_kernel_size': 3, 'upscale': 4, 'upsampler': 'nearest+conv',
+                               'resi_connection': '3conv', 'qkv_bias': False, 'patch_norm': False},
+                 id='v2-nearest-conv-3conv-gray-window8-heads-per-group'),
+    pytest.param('MambaIRv2Light', {'embed_dim': 30, 'depths': [2], 'num_heads': [5], 'window_size': 4,
+                                    'inner_rank': 6, 'num_tokens': 10, 'd_state': 6, 'mlp_ratio': 2.0, 'upscale': 3,
+                                    'upsampler': 'pixelshuffle', 'ape': True, 'img_size': 16},
+                 id='v2light-x3-pixelshuffle-window4-ape'),
+    pytest.param('MambaIRv2', {'embed_dim': 18, 'depths': [1], 'num_heads': [3], 'window_size': 8, 'inner_rank': 4,
+                               'num_tokens': 4, 'd_state': 2, 'mlp_ratio': 1.0, 'upscale': 1, 'img_range': 255.0},
+                 id='v2-dn-img-range-255'),
 ]
 
 
@@ -61,7 +73,8 @@ def test_config_inference_round_trips(arch_type: str, kwargs: dict) -> None:
     net = arch_class(arch_type)(**kwargs).eval()
     assert_inferred(net.state_dict(), arch_type, kwargs)
     _, inferred = infer_config(net.state_dict())
-    untraced = {k: kwargs[k] for k in family(arch_type).untraced if k in kwargs}
+    # (img_size leaves a trace only through MambaIRv2's absolute position embedding: then it is inferred)
+    untraced = {k: kwargs[k] for k in family(arch_type).untraced if k in kwargs and k not in inferred}
     again = arch_class(arch_type)(**inferred, **untraced).eval()
     again.load_state_dict(net.state_dict(), strict=True)
     channels = kwargs.get('in_chans', kwargs.get('inp_channels', 3))
@@ -77,7 +90,7 @@ def test_untraced_arguments_are_the_constructor_defaults(arch_type: str) -> None
     assert family(arch_type).untraced and all(defaults[k] == v for k, v in family(arch_type).untraced.items())
 
 
-@pytest.mark.parametrize('name', REFERENCE_FILES)
+@pytest.mark.parametrize('name', REFERENCE_FILES + V2_REFERENCE_FILES)
 def test_infer_config_of_reference_checkpoints(reference_dir: Path, name: str) -> None:
     ref = torch.load(reference_dir / name, weights_only=True)
     assert_inferred(ref['state_dict'], ref['arch_type'], ref['kwargs'])
@@ -90,6 +103,40 @@ def test_infer_config_names_inconsistent_keys(x2_reference: dict) -> None:
         infer_config(sd)
     with pytest.raises(CheckpointError, match='not a MambaIR-family state dict'):
         infer_config({'conv.weight': torch.zeros(1)})
+
+
+@pytest.mark.parametrize('change, message', [
+    (('layers.1.residual_group.layers.0.assm.selectiveScan.A_logs', (96, 4)),
+     r'cannot infer the MambaIRv2 config: layers\.1\.residual_group\.layers\.0\.assm\.selectiveScan\.A_logs '
+     r'has shape \(96, 4\), expected \(96, 8\) for embed_dim 48, hidden 96, d_state 8, inner_rank 16'),
+    (('layers.0.residual_group.layers.1.win_mhsa.relative_position_bias_table', (225, 2)),
+     r'layers\.0\.residual_group\.layers\.1\.: 2 heads, layer 0 of the group 4'),
+    (('layers.1.residual_group.layers.1.win_mhsa.relative_position_bias_table', (224, 4)),
+     r'layers\.1\.residual_group\.layers\.1\.win_mhsa\.relative_position_bias_table has 224 rows'),
+    (('layers.1.residual_group.layers.1.win_mhsa.relative_position_bias_table', (961, 4)),
+     r'layers\.1\.residual_group\.layers\.1\.: window_size 16 vs 8 in layer 0 of group 0'),
+    (('relative_position_index_SA', (256, 256)), r'relative_position_index_SA has shape \(256, 256\), but the '
+                                                 r'attention tables say window_size 8'),
+])
+def test_infer_config_names_inconsistent_v2_keys(reference_dir: Path, change: tuple, message: str) -> None:
+    sd = dict(torch.load(reference_dir / 'tiny_mambairv2_SR_x2.pt', weights_only=True)['state_dict'])
+    key, new_shape = change
+    assert key in sd
+    sd[key] = torch.zeros(new_shape)
+    with pytest.raises(CheckpointError, match=message):
+        infer_config(sd)
+
+
+def test_infer_config_tells_the_v2_models_apart_by_their_ffn(reference_dir: Path) -> None:
+    light = torch.load(reference_dir / 'tiny_mambairv2light_x4.pt', weights_only=True)['state_dict']
+    assert infer_config(light)[0] == 'MambaIRv2Light'
+    sd = dict(torch.load(reference_dir / 'tiny_mambairv2_SR_x2.pt', weights_only=True)['state_dict'])
+    assert infer_config(sd)[0] == 'MambaIRv2'
+    prefix = 'layers.1.residual_group.layers.0.convffn1.'
+    sd[prefix + 'sg.conv.weight'] = torch.zeros(48, 1, 5, 5)  # one GatedMLP key among ConvFFNs
+    with pytest.raises(CheckpointError, match=r'cannot infer the MambaIRv2Light config: layers\.0\.residual_group'
+                                              r'\.layers\.0\.: MambaIRv2 feed-forward keys \(convffn1\.dwconv\.\*\)'):
+        infer_config(sd)
 
 
 def test_infer_config_recognises_old_light_checkpoints() -> None:

@@ -15,8 +15,8 @@ from helpers import REPO, cli_command, cli_env, run_cli
 from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_train_options, write_options
 
 EXPECTED_REGISTERED = {
-    'arch': {'MambaIR', 'MambaIRUNet', 'Bicubic'},
-    'model': {'MambaIRModel', 'RealDenoisingModel'},
+    'arch': {'MambaIR', 'MambaIRUNet', 'Bicubic', 'MambaIRv2', 'MambaIRv2Light'},
+    'model': {'MambaIRModel', 'RealDenoisingModel', 'MambaIRv2Model', 'MambaIRv2LightModel'},
 }
 
 

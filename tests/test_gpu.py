@@ -120,10 +120,11 @@ def test_official_outputs_on_cuda(reference_dir: Path, name: str, backend: str, 
     assert out.is_cuda and (out.cpu() - ref['output']).abs().max().item() < 1e-4
 
 
-def test_restore_on_cuda_in_every_precision(reference_dir: Path, exact_cuda) -> None:
+@pytest.mark.parametrize('name', ['mambair_lightSR_x2.pt', 'mambairv2_lightSR_x2.pt'])
+def test_restore_on_cuda_in_every_precision(reference_dir: Path, name: str, exact_cuda) -> None:
     """load_model / restore on the GPU: float32 equals the CPU result; fp16 and bf16 autocast stay close;
     tile 'auto' plans from the GPU's free memory; small tiles give the same size."""
-    ref = torch.load(reference_dir / 'mambair_lightSR_x2.pt', map_location='cpu', weights_only=True)
+    ref = torch.load(reference_dir / name, map_location='cpu', weights_only=True)
     image = (ref['input'][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     cpu = restore(load_model(ref['state_dict'], device='cpu'), image, tile=None).astype(np.float64)
     assert available_memory(torch.device('cuda')) > 0

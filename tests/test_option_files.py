@@ -1,5 +1,6 @@
-"""Every official option file: parses with BasicSR, passes our launcher's checks, builds its network and
-datasets on a small copy of the documented ``datasets/`` layout, and keeps the official hyperparameters."""
+"""Every official option file (MambaIR and MambaIRv2): parses with BasicSR, passes our launcher's checks, builds
+its network and datasets on a small copy of the documented ``datasets/`` layout, and keeps the official
+hyperparameters."""
 
 from __future__ import annotations
 
@@ -14,19 +15,28 @@ import yaml
 from helpers import REPO
 
 from basicsr_mambair.data.util import encode_jpeg
+from basicsr_mambair.presets import PRESETS
 from basicsr_mambair.utils.matlab_resize import imresize_matlab
 
 ALL_OPTIONS = sorted((REPO / 'options').glob('*/*.yml'))
 ALL_IDS = [p.name for p in ALL_OPTIONS]
-# the Gaussian-DN / CAR / SR files of the official MambaIR (real denoising and the bicubic baseline have their
-# own tests)
+# the Gaussian-DN / CAR / SR files of the official MambaIR and MambaIRv2 (real denoising and the bicubic baseline
+# have their own tests)
 OPTIONS = [p for p in ALL_OPTIONS if 'RealDN' not in p.name and 'Bicubic' not in p.name]
 OPTION_IDS = [p.name for p in OPTIONS]
 
-# spec section 5: parameters of the official configurations (instantiated official classes)
-PARAMS = {'Bicubic': 0, 'SR_x2': 20_421_863, 'SR_x3': 20_606_503, 'SR_x4': 20_569_575, 'lightSR_x2': 905_016,
-          'lightSR_x3': 913_131, 'lightSR_x4': 924_492, 'ColorDN': 15_777_507, 'CAR': 15_771_025,
-          'RealDN': 26_779_480}
+# spec section 5: parameters of the official configurations (instantiated official classes), by (family, task)
+PARAMS = {('Bicubic', 'SR'): 0, ('MambaIR', 'SR_x2'): 20_421_863, ('MambaIR', 'SR_x3'): 20_606_503,
+          ('MambaIR', 'SR_x4'): 20_569_575, ('MambaIR', 'lightSR_x2'): 905_016, ('MambaIR', 'lightSR_x3'): 913_131,
+          ('MambaIR', 'lightSR_x4'): 924_492, ('MambaIR', 'ColorDN'): 15_777_507, ('MambaIR', 'CAR'): 15_771_025,
+          ('MambaIR', 'RealDN'): 26_779_480,
+          ('MambaIRv2', 'lightSR_x2'): 774_092, ('MambaIRv2', 'lightSR_x3'): 780_587,
+          ('MambaIRv2', 'lightSR_x4'): 789_680, ('MambaIRv2', 'SRSmall_x2'): 9_621_935,
+          ('MambaIRv2', 'SRSmall_x3'): 9_806_575, ('MambaIRv2', 'SRSmall_x4'): 9_769_647,
+          ('MambaIRv2', 'SR_x2'): 22_903_001, ('MambaIRv2', 'SR_x3'): 23_087_641, ('MambaIRv2', 'SR_x4'): 23_050_713,
+          ('MambaIRv2', 'SRLarge_x2'): 34_090_523, ('MambaIRv2', 'SRLarge_x3'): 34_275_163,
+          ('MambaIRv2', 'SRLarge_x4'): 34_238_235, ('MambaIRv2', 'ColorDN'): 22_657_971,
+          ('MambaIRv2', 'CAR'): 22_651_705}
 
 # spec Table B: gt_size, batch/GPU, lr, milestones, total_iter, seed, loss, pretrain (strict), val set
 _SR_X2 = ([250000, 400000, 450000, 475000], 500000)
@@ -34,28 +44,51 @@ _SR_X3 = ([125000, 200000, 225000, 237500], 250000)
 _LONG = ([800000, 1200000, 1400000, 1500000], 1600000)
 _SHORT = ([400000, 600000, 700000, 750000], 800000)
 TRAIN = {
-    'SR_x2': (128, 4, 2e-4, _SR_X2, 10, 'L1Loss', None, True, 'Set14'),
-    'SR_x3': (192, 8, 1e-4, _SR_X3, 10, 'L1Loss', 'MambaIR_SR_x2.pth', False, 'Set14'),
-    'SR_x4': (192, 4, 1e-4, _SR_X3, 10, 'L1Loss', 'MambaIR_SR_x2.pth', False, 'Set14'),
-    'lightSR_x2': (128, 16, 2e-4, _SR_X2, 10, 'L1Loss', None, True, 'Urban100'),
-    'lightSR_x3': (192, 16, 2e-4, _SR_X2, 10, 'L1Loss', 'MambaIR_lightSR_x2.pth', False, 'Urban100'),
-    'lightSR_x4': (192, 16, 2e-4, _SR_X2, 10, 'L1Loss', 'MambaIR_lightSR_x2.pth', False, 'Urban100'),
-    'ColorDN_level15': (128, 2, 2e-4, _LONG, 10, 'CharbonnierLoss', None, True, 'CBSD68'),
-    'ColorDN_level25': (128, 2, 1e-4, _SHORT, 10, 'CharbonnierLoss', 'MambaIR_ColorDN_level15.pth', True, 'CBSD68'),
-    'ColorDN_level50': (128, 2, 1e-4, _SHORT, 10, 'CharbonnierLoss', 'MambaIR_ColorDN_level15.pth', True, 'CBSD68'),
-    'CAR_q10': (126, 2, 1e-4, _SHORT, 42, 'CharbonnierLoss', 'MambaIR_CAR_q40.pth', True, 'Classic5'),
-    'CAR_q30': (126, 2, 1e-4, _SHORT, 42, 'CharbonnierLoss', 'MambaIR_CAR_q40.pth', True, 'Classic5'),
-    'CAR_q40': (126, 2, 2e-4, _LONG, 42, 'CharbonnierLoss', None, True, 'Classic5'),
+    ('MambaIR', 'SR_x2'): (128, 4, 2e-4, _SR_X2, 10, 'L1Loss', None, True, 'Set14'),
+    ('MambaIR', 'SR_x3'): (192, 8, 1e-4, _SR_X3, 10, 'L1Loss', 'MambaIR_SR_x2.pth', False, 'Set14'),
+    ('MambaIR', 'SR_x4'): (192, 4, 1e-4, _SR_X3, 10, 'L1Loss', 'MambaIR_SR_x2.pth', False, 'Set14'),
+    ('MambaIR', 'lightSR_x2'): (128, 16, 2e-4, _SR_X2, 10, 'L1Loss', None, True, 'Urban100'),
+    ('MambaIR', 'lightSR_x3'): (192, 16, 2e-4, _SR_X2, 10, 'L1Loss', 'MambaIR_lightSR_x2.pth', False, 'Urban100'),
+    ('MambaIR', 'lightSR_x4'): (192, 16, 2e-4, _SR_X2, 10, 'L1Loss', 'MambaIR_lightSR_x2.pth', False, 'Urban100'),
+    ('MambaIR', 'ColorDN_level15'): (128, 2, 2e-4, _LONG, 10, 'CharbonnierLoss', None, True, 'CBSD68'),
+    ('MambaIR', 'ColorDN_level25'): (128, 2, 1e-4, _SHORT, 10, 'CharbonnierLoss', 'MambaIR_ColorDN_level15.pth', True,
+                                     'CBSD68'),
+    ('MambaIR', 'ColorDN_level50'): (128, 2, 1e-4, _SHORT, 10, 'CharbonnierLoss', 'MambaIR_ColorDN_level15.pth', True,
+                                     'CBSD68'),
+    ('MambaIR', 'CAR_q10'): (126, 2, 1e-4, _SHORT, 42, 'CharbonnierLoss', 'MambaIR_CAR_q40.pth', True, 'Classic5'),
+    ('MambaIR', 'CAR_q30'): (126, 2, 1e-4, _SHORT, 42, 'CharbonnierLoss', 'MambaIR_CAR_q40.pth', True, 'Classic5'),
+    ('MambaIR', 'CAR_q40'): (126, 2, 2e-4, _LONG, 42, 'CharbonnierLoss', None, True, 'Classic5'),
+    ('MambaIRv2', 'lightSR_x2'): (128, 16, 2e-4, _SR_X2, 10, 'L1Loss', None, True, 'Set14'),
+    ('MambaIRv2', 'lightSR_x3'): (192, 16, 2e-4, _SR_X2, 10, 'L1Loss', None, False, 'Set14'),
+    ('MambaIRv2', 'lightSR_x4'): (192, 16, 2e-4, _SR_X2, 10, 'L1Loss', None, False, 'Set14'),
+    **{('MambaIRv2', f'{name}_x2'): (128, 4, 1e-3, _SR_X2, 10, 'L1Loss', None, True, 'Set14')
+       for name in ('SRSmall', 'SR', 'SRLarge')},
+    **{('MambaIRv2', f'{name}_x{s}'): (192, 4, 1e-4, _SR_X3, 10, 'L1Loss', f'mambairv2_classicSR_{size}_x2.pth', False,
+                                       'Set14')
+       for name, size in (('SRSmall', 'Small'), ('SR', 'Base'), ('SRLarge', 'Large')) for s in (3, 4)},
+    ('MambaIRv2', 'ColorDN_level15'): (128, 2, 2e-4, _LONG, 10, 'CharbonnierLoss', None, True, 'CBSD68'),
+    **{('MambaIRv2', f'ColorDN_level{n}'): (128, 2, 1e-4, _SHORT, 10, 'CharbonnierLoss', 'mambairv2_ColorDN_15.pth',
+                                            True, 'CBSD68') for n in (25, 50)},
+    **{('MambaIRv2', f'CAR_q{q}'): (126, 2, 1e-4, _SHORT, 42, 'CharbonnierLoss', 'mambairv2_jpeg_q40.pth', False,
+                                    'Classic5') for q in (10, 30)},
+    ('MambaIRv2', 'CAR_q40'): (126, 2, 2e-4, _LONG, 42, 'CharbonnierLoss', None, True, 'Classic5'),
 }
 SR_SETS = ['Set5', 'Set14', 'B100', 'Urban100', 'Manga109']
+V2_TASKS = ([f'lightSR_x{s}' for s in (2, 3, 4)] + [f'{n}_x{s}' for n in ('SRSmall', 'SR', 'SRLarge')
+                                                    for s in (2, 3, 4)]
+            + [f'ColorDN_level{n}' for n in (15, 25, 50)] + [f'CAR_q{q}' for q in (10, 30, 40)])
 
 
-def task_of(path: Path) -> str:
-    return re.match(r'(?:train|test)_(?:MambaIR|Bicubic)_(.+)\.yml$', path.name).group(1)
+def family_and_task(path: Path) -> tuple[str, str]:
+    """('MambaIR' | 'MambaIRv2' | 'Bicubic', task) of an option file name."""
+    family, task = re.match(r'(?:train|test)_(MambaIRv2|MambaIR|Bicubic)_(.+)\.yml$', path.name).groups()
+    return family, task
 
 
 def kind_of(task: str) -> str:
-    return task.split('_')[0]
+    """'SR' (classic, any size), 'lightSR', 'ColorDN', 'CAR' or 'RealDN'."""
+    kind = task.split('_')[0]
+    return 'SR' if kind.startswith('SR') else kind
 
 
 def metric_convention(task: str) -> tuple[int, bool]:
@@ -65,11 +98,35 @@ def metric_convention(task: str) -> tuple[int, bool]:
     return 0, kind_of(task) == 'CAR'
 
 
+def v2_preset(task: str) -> str:
+    """Our preset name of a MambaIRv2 option file's task (``SRSmall_x2`` -> ``v2_classicSR_Small_x2``)."""
+    kind, rest = task.split('_', 1)
+    names = {'SRSmall': f'classicSR_Small_{rest}', 'SR': f'classicSR_Base_{rest}', 'SRLarge': f'classicSR_Large_{rest}',
+             'lightSR': task, 'ColorDN': f'colorDN_{rest[-2:]}', 'CAR': f'CAR_{rest[1:]}'}
+    return f'v2_{names[kind]}'
+
+
+def released_weights(family: str, task: str) -> str:
+    """The file a test option file reads from experiments/pretrained_models/ (its README lists them)."""
+    if family == 'MambaIR':
+        return f'MambaIR_{task}.pth'
+    preset = PRESETS[v2_preset(task)]
+    if preset.task == 'SR':
+        return f'mambairv2_{preset.name[3:]}.pth'  # mambairv2_lightSR_x2, mambairv2_classicSR_Base_x3, ...
+    if preset.task == 'CAR':
+        return f'mambairv2_jpeg_q{preset.jpeg_quality}.pth'
+    return f'mambairv2_ColorDN_{preset.noise}.pth'
+
+
 def test_every_official_task_has_train_and_test_files():
     tasks = [f'SR_x{s}' for s in (2, 3, 4)] + [f'lightSR_x{s}' for s in (2, 3, 4)]
     tasks += [f'ColorDN_level{n}' for n in (15, 25, 50)] + [f'CAR_q{q}' for q in (10, 30, 40)]
-    assert OPTION_IDS == sorted([f'test_MambaIR_{t}.yml' for t in tasks] + [f'train_MambaIR_{t}.yml' for t in tasks])
-    assert len(OPTIONS) == 24 and len(ALL_OPTIONS) > 24
+    expected = [f'{phase}_MambaIR_{t}.yml' for t in tasks for phase in ('train', 'test')]
+    expected += [f'{phase}_MambaIRv2_{t}.yml' for t in V2_TASKS for phase in ('train', 'test')]
+    assert OPTION_IDS == sorted(expected)
+    assert len(OPTIONS) == 24 + 36 and len(ALL_OPTIONS) > 60
+    names = [yaml.safe_load(p.read_text())['name'] for p in ALL_OPTIONS]
+    assert len(set(names)) == len(names), 'two runs would share experiments/<name>'  # (official Small/Large do)
 
 
 def _roots(opt: dict) -> list[str]:
@@ -79,10 +136,16 @@ def _roots(opt: dict) -> list[str]:
 @pytest.mark.parametrize('path', OPTIONS, ids=OPTION_IDS)
 def test_official_hyperparameters(path):
     opt = yaml.safe_load(path.read_text())
-    task = task_of(path)
+    family, task = family_and_task(path)
     scale = int(task[-1]) if 'SR' in task else 1
     net = opt['network_g']
-    assert opt['model_type'] == 'MambaIRModel' and net['type'] == 'MambaIR' and opt['num_gpu'] == 'auto'
+    if family == 'MambaIR':
+        assert opt['model_type'] == 'MambaIRModel' and net['type'] == 'MambaIR'
+    else:  # the official network_g exactly (spec Table A), and the routing choice visible
+        light = kind_of(task) == 'lightSR'
+        assert opt['model_type'] == ('MambaIRv2LightModel' if light else 'MambaIRv2Model')
+        assert net == {**PRESETS[v2_preset(task)].network_g(), 'routing': None}
+    assert opt['num_gpu'] == 'auto'
     assert opt['scale'] == scale and net['upscale'] == scale
     assert all(root.startswith('datasets/') and '..' not in root for root in _roots(opt)), 'relative roots'
     assert '/home/' not in path.read_text() and '/data' not in path.read_text().replace('datasets/', '')
@@ -107,11 +170,12 @@ def test_official_hyperparameters(path):
         assert all(ds.get('prefetch_mode') is None for ds in opt['datasets'].values())
 
     if is_train:
-        gt, bs, lr, (milestones, total), seed, loss, pretrain, strict, val_set = TRAIN[task]
+        gt, bs, lr, (milestones, total), seed, loss, pretrain, strict, val_set = TRAIN[family, task]
+        workers = 8 if (family, kind_of(task)) == ('MambaIRv2', 'lightSR') else 32
         train_ds = opt['datasets']['train']
         assert (train_ds['gt_size'], train_ds['batch_size_per_gpu']) == (gt, bs)
         assert (train_ds['use_hflip'], train_ds['use_rot'], train_ds['use_shuffle']) == (True, True, True)
-        assert (train_ds['num_worker_per_gpu'], train_ds['dataset_enlarge_ratio']) == (32, 100)
+        assert (train_ds['num_worker_per_gpu'], train_ds['dataset_enlarge_ratio']) == (workers, 100)
         assert opt['datasets']['val']['name'] == val_set and opt['manual_seed'] == seed
         t = opt['train']
         assert t['optim_g'] == {'type': 'Adam', 'lr': lr, 'weight_decay': 0, 'betas': [0.9, 0.99]}
@@ -131,9 +195,20 @@ def test_official_hyperparameters(path):
         assert names == {'SR': SR_SETS, 'lightSR': SR_SETS, 'ColorDN': ['CBSD68', 'Kodak24', 'McMaster', 'Urban100'],
                          'CAR': ['Classic5', 'LIVE1']}[kind_of(task)]
         assert list(opt['datasets']) == [f'test_{i + 1}' for i in range(len(names))]
-        assert opt['path'] == {'pretrain_network_g': f'experiments/pretrained_models/MambaIR_{task}.pth',
+        assert opt['path'] == {'pretrain_network_g': f'experiments/pretrained_models/{released_weights(family, task)}',
                                'strict_load_g': True}
         assert opt['val']['suffix'] is None and opt['val']['pbar'] is True and 'save_img' in opt['val']
+
+
+def test_released_v2_weights_are_documented():
+    """Every weight file a v2 option file reads is named in experiments/pretrained_models/README.md."""
+    readme = (REPO / 'experiments' / 'pretrained_models' / 'README.md').read_text()
+    for path in OPTIONS:
+        weights = yaml.safe_load(path.read_text())['path']['pretrain_network_g']
+        if 'MambaIRv2' in path.name and weights:
+            name = Path(weights).name
+            small_large = re.sub(r'_(Small|Large)_x[34]\.pth$', r'_\1_x2.pth', name)  # listed as '(x3, x4 alike)'
+            assert f'`{name}`' in readme or f'`{small_large}` (x3, x4 alike)' in readme, name
 
 
 def test_every_data_root_is_documented():
@@ -201,13 +276,13 @@ def test_parses_checks_and_builds(path, mini_root, monkeypatch):
     monkeypatch.setattr(sys, 'argv', ['mambair', '-opt', str(path)])
     opt, _ = parse_options(str(mini_root), is_train=is_train)
 
-    task = task_of(path)
+    family, task = family_and_task(path)
     key = kind_of(task) if kind_of(task) in ('ColorDN', 'CAR', 'RealDN') else task
-    key = 'Bicubic' if 'Bicubic' in path.name else key
-    config = repr(sorted(opt['network_g'].items()))  # build each distinct network_g once
+    key = 'SR' if family == 'Bicubic' else key
+    config = repr(sorted(opt['network_g'].items()))  # build each distinct network_g once (34M-param nets are slow)
     if config not in _NETWORKS:
         _NETWORKS[config] = sum(p.numel() for p in build_network(opt['network_g']).parameters())
-    assert _NETWORKS[config] == PARAMS[key]
+    assert _NETWORKS[config] == PARAMS[family, key]
 
     in_chans = opt['network_g'].get('in_chans', opt['network_g'].get('inp_channels', 3))  # Bicubic: RGB
     scale = opt['scale']

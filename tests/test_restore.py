@@ -13,14 +13,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import REFERENCE_FILES, arch_class, constructor_args, run_cli
+from helpers import REFERENCE_FILES, V2_REFERENCE_FILES, arch_class, constructor_args, run_cli
 
 import basicsr_mambair  # noqa: F401  (registers the archs; before `import basicsr`)
 from basicsr_mambair.api import load_model, restore
 from basicsr_mambair.archs.support import describe
 from basicsr_mambair.archs.support.mambair import BYTES_PER_INNER_CHANNEL
 from basicsr_mambair.cli import restore as restore_cli
-from basicsr_mambair.errors import CheckpointError, OutOfMemory
+from basicsr_mambair.errors import CheckpointError, OutOfMemory, RestoreError
 from basicsr_mambair.memory import FIXED_BYTES, choose_tile, measure_peak_bytes
 from basicsr_mambair.presets import PRESETS
 from basicsr_mambair.tiling import forward_tiled
@@ -202,16 +202,16 @@ def networks() -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize('name, sharing', list(networks().items()))
-def test_inference_is_exact_for_every_official_config(name: str, sharing: list, tmp_path: Path) -> None:
+def test_inference_is_exact_for_every_official_config(name: str, sharing: list) -> None:
     preset = PRESETS[name]
     net = make_net(name, seed=1)
-    torch.save({'params': net.state_dict()}, tmp_path / 'net.pth')
-    model = load_model(tmp_path / 'net.pth', device='cpu')
+    model = load_model(net.state_dict(), device='cpu')  # (files: the CLI tests)
     assert model.arch_type == preset.arch_type
     assert shaping_args(model.arch_type, model.kwargs) == shaping_args(preset.arch_type, preset.kwargs)
     assert (model.scale, model.in_channels) == (preset.scale, preset.in_channels)
     assert list(model.presets) == sharing
-    assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.net.state_dict().items())
+    expected = net.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.net.state_dict().items())
 
 
 @pytest.mark.parametrize('name', REFERENCE_FILES)
@@ -227,13 +227,65 @@ def test_inference_is_exact_for_reference_configs(name: str, reference_dir: Path
         assert (model(ref['input']) - ref['output']).abs().max() < 1e-4
 
 
-def test_mambairv2_checkpoint_is_not_supported(reference_dir: Path, tmp_path: Path, capsys) -> None:
-    ref = torch.load(reference_dir / 'mambairv2_lightSR_x2.pt', weights_only=True)
+def reference_net(reference_dir: Path, name: str) -> tuple[torch.nn.Module, dict]:
+    """The official reference network ``name`` (``../shared/reference``), loaded, in eval mode, and its file."""
+    ref = torch.load(reference_dir / name, weights_only=True)
+    net = arch_class(ref['arch_type'])(**ref['kwargs'])
+    net.load_state_dict(ref['state_dict'], strict=True)
+    return net.eval(), ref
+
+
+@pytest.mark.parametrize('name, folder, summary', [
+    ('mambairv2_lightSR_x2.pt', 'sr',  # gray, RGB, RGBA and 16-bit inputs; the summary names the v2 preset
+     'MambaIRv2Light (v2_lightSR_x2), x2, 3->3 channels, 0.77 M params, cpu fp32, deterministic routing; 4 images'),
+    ('tiny_mambairv2_SR_x2.pt', 'classic', 'MambaIRv2 (custom config), x2, 3->3 channels, 0.44 M params'),
+    ('tiny_mambairv2_CAR.pt', 'car', 'MambaIRv2 (custom config), x1, 1->1 channels'),
+])
+def test_cli_restores_v2_like_the_network(name: str, folder: str, summary: str, images: Path, reference_dir: Path,
+                                          tmp_path: Path) -> None:
+    """MambaIRv2 checkpoints (official weights layout): the config is inferred, the output is the network's."""
+    net, ref = reference_net(reference_dir, name)
     torch.save({'params': ref['state_dict']}, tmp_path / 'v2.pth')
-    assert restore_cli.main([str(tmp_path), '-o', str(tmp_path / 'out'), '--weights', str(tmp_path / 'v2.pth')]) == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert line.startswith('mambair-restore: error: not a MambaIR-family state dict (first keys: '
-                           'relative_position_index_SA, ') and 'closest official preset' in line
+    outdir = tmp_path / 'out'
+    proc = run_cli('mambair-restore', str(images / folder), '-o', str(outdir), '--weights', str(tmp_path / 'v2.pth'),
+                   '--suffix', 'out', cwd=tmp_path)
+    assert proc.stderr == ''
+    assert f'mambair-restore: {summary}' in proc.stdout
+    check_outputs(images / folder, outdir, 'out', net, ref['kwargs'].get('in_chans', 3), ref['kwargs']['upscale'])
+
+
+@pytest.mark.parametrize('name', V2_REFERENCE_FILES)
+def test_v2_references_through_load_model(name: str, reference_dir: Path) -> None:
+    """Inferred config, deterministic routing by default: the official stable-sort output (spec 2.10)."""
+    ref = torch.load(reference_dir / name, weights_only=True)
+    model = load_model(ref['state_dict'], device='cpu')
+    assert model.arch_type == ref['arch_type'] and model.routing == 'deterministic'
+    assert shaping_args(model.arch_type, model.kwargs) == shaping_args(ref['arch_type'], ref['kwargs'])
+    assert model.info.size_multiple == ref['kwargs']['window_size']
+    with torch.no_grad():
+        assert (model(ref['input']) - ref['output_stable_sort']).abs().max() < 1e-4
+
+
+def test_v2_routing_choice(reference_dir: Path, checkpoints, tmp_path: Path, capsys) -> None:
+    """load_model(routing=...) / --routing: 'gumbel' follows the torch seed; networks without routing refuse it."""
+    ref = torch.load(reference_dir / 'tiny_mambairv2_SR_x2.pt', weights_only=True)
+    x = ref['input']
+    with torch.no_grad():
+        deterministic = load_model(ref['state_dict'], device='cpu', routing='deterministic')(x)
+        gumbel = load_model(ref['state_dict'], device='cpu', routing='gumbel')
+        assert gumbel.routing == 'gumbel' and gumbel.describe().endswith('cpu fp32, gumbel routing')
+        runs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            runs.append(gumbel(x))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0], deterministic)
+    assert (runs[0] - deterministic).abs().max() < 0.1  # the same network, other token orders
+    with pytest.raises(RestoreError, match="unknown routing 'noisy' \\(use deterministic or gumbel\\)"):
+        load_model(ref['state_dict'], device='cpu', routing='noisy')
+    weights, _ = checkpoints('lightSR_x2')
+    assert restore_cli.main(['x.png', '-o', str(tmp_path), '--weights', str(weights), '--routing', 'gumbel']) == 2
+    assert "routing 'gumbel': MambaIR networks route no tokens" in one_error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
@@ -310,6 +362,18 @@ def test_inconsistent_checkpoint_names_keys_and_preset(checkpoints, tmp_path: Pa
     assert 'cannot infer the MambaIR config: layers.2.residual_group.blocks.3.self_attention.x_proj_weight' in message
     assert ('closest official preset: lightSR_x2 (MambaIR; 713 of its 714 keys agree); wrongly shaped '
             f'(1; checkpoint vs preset): {key} (288, 16) vs (288, 10)') in message
+
+
+def test_inconsistent_v2_checkpoint_names_keys_and_preset(reference_dir: Path) -> None:
+    state = dict(torch.load(reference_dir / 'mambairv2_lightSR_x2.pt', weights_only=True)['state_dict'])
+    key = 'layers.3.residual_group.layers.4.assm.selectiveScan.A_logs'
+    state[key] = torch.zeros(48, 16)
+    with pytest.raises(CheckpointError) as info:
+        load_model(state, device='cpu')
+    assert str(info.value) == (
+        f'cannot infer the MambaIRv2Light config: {key} has shape (48, 16), expected (48, 8) for embed_dim 48, '
+        'hidden 48, d_state 8, inner_rank 32, num_tokens 64; closest official preset: v2_lightSR_x2 (MambaIRv2Light; '
+        f'1018 of its 1019 keys agree); wrongly shaped (1; checkpoint vs preset): {key} (48, 16) vs (48, 8)')
 
 
 def test_task_of_another_config_gives_the_load_checked_message(checkpoints, tmp_path: Path, capsys) -> None:
@@ -411,20 +475,27 @@ def test_float_input_gives_float_output(checkpoints) -> None:
     np.testing.assert_array_equal(result, network_output(net, image))
 
 
-def test_bf16_on_the_cpu_keeps_the_scan_in_float32(checkpoints, images: Path, monkeypatch) -> None:
-    from basicsr_mambair.archs import ss2d
+@pytest.mark.parametrize('family', ['MambaIR', 'MambaIRv2'])
+def test_bf16_on_the_cpu_keeps_the_scan_in_float32(family: str, checkpoints, images: Path, reference_dir: Path,
+                                                   monkeypatch) -> None:
+    """MambaIR: random lightSR_x2 weights; MambaIRv2: the light-SR x2 reference weights (the attention and the
+    routing in bfloat16 too: a route that flips re-sorts tokens, the output stays close)."""
+    from basicsr_mambair.archs import assm, ss2d
 
-    _, net = checkpoints('lightSR_x2')
+    if family == 'MambaIR':
+        state, module = checkpoints('lightSR_x2')[1].state_dict(), ss2d
+    else:
+        state, module = reference_net(reference_dir, 'mambairv2_lightSR_x2.pt')[1]['state_dict'], assm
     image = cv2.imread(str(images / 'sr' / 'baby.png'))
-    full = restore(load_model(net.state_dict(), device='cpu'), image, bgr=True)
-    scan, dtypes = ss2d.selective_scan, set()
+    full = restore(load_model(state, device='cpu'), image, bgr=True)
+    scan, dtypes = module.selective_scan, set()
 
     def recording(u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         dtypes.add(u.dtype)
         return scan(u, *args, **kwargs)
 
-    monkeypatch.setattr(ss2d, 'selective_scan', recording)
-    half = restore(load_model(net.state_dict(), device='cpu', precision='bf16'), image, bgr=True)
+    monkeypatch.setattr(module, 'selective_scan', recording)
+    half = restore(load_model(state, device='cpu', precision='bf16'), image, bgr=True)
     assert dtypes == {torch.float32}
     assert half.dtype == np.uint8 and half.shape == full.shape
     mse = np.mean((half.astype(float) - full.astype(float)) ** 2)
@@ -490,7 +561,7 @@ def test_forward_tiled_progress_is_optional() -> None:
 # ------------------------------------------------------------------------------------------- automatic tiles
 
 
-@pytest.mark.parametrize('name', ['lightSR_x2', 'realDN'])
+@pytest.mark.parametrize('name', ['lightSR_x2', 'realDN', 'v2_lightSR_x2'])
 def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
     """Per pixel, the estimate is between 1x and 2x the measured growth of the peak; the fixed part is covered."""
     preset = PRESETS[name]
@@ -518,6 +589,16 @@ def test_choose_tile_fits_the_memory(checkpoints) -> None:
     assert tile == 64  # never below 2 x overlap
 
 
+def test_choose_tile_takes_multiples_of_the_v2_window(reference_dir: Path) -> None:
+    ref = torch.load(reference_dir / 'mambairv2_lightSR_x2.pt', weights_only=True)
+    model = load_model(ref['state_dict'], device='cpu')
+    assert model.info.size_multiple == 16
+    sides = [choose_tile(model.info, model.device, 600, 800, overlap=20, available=mib << 20)
+             for mib in (8, 400, 800, 1600, 3200)]
+    assert sides[0] == 48  # the least tile, 2 x overlap, rounded up to the window
+    assert all(side % 16 == 0 for side in sides) and sides == sorted(set(sides)) and sides[-1] < 600, sides
+
+
 def test_oom_error_is_raised_by_the_api(checkpoints, monkeypatch) -> None:
     _, net = checkpoints('lightSR_x2')
     model = load_model(net.state_dict(), device='cpu')
@@ -540,7 +621,8 @@ def test_help_and_lazy_exports(capsys) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     for flag in ('--weights', '--task', '--opt', '--tile', '--tile-overlap', '--device', '--half', '--bf16',
-                 '--compare', '--overwrite', 'realDN', 'CAR_40'):
+                 '--compare', '--overwrite', '--routing', 'deterministic', 'gumbel', 'realDN', 'CAR_40',
+                 'v2_lightSR_x2', 'v2_classicSR_Large_x4', 'v2_CAR_40'):
         assert flag in out
     # `import basicsr_mambair` does not import them (test_cli checks the modules it imports); first use does
     from basicsr_mambair import api

@@ -1,4 +1,5 @@
-"""Short real training runs through ``mambair-train`` for each task family, with a tiny MambaIR.
+"""Short real training runs through ``mambair-train`` for each task family, with a tiny MambaIR, and a tiny
+MambaIRv2 from its shipped option file (with ``--auto_resume``).
 
 Data prepared with our tools from real benchmark images: SR T91 -> Set5 (official LR files),
 colour Gaussian denoising on CBSD68 crops, grayscale JPEG CAR on LIVE1 crops. Each run validates
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_cli
-from tiny_experiments import write_options
+from tiny_experiments import load_options, write_options
 
 from basicsr_mambair.cli import make_jpeg, make_lr
 
@@ -175,3 +176,63 @@ def test_jpeg_car_live1_gray(tmp_path, shared_data):
         lq = cv2.imread(str(tmp_path / 'LIVE1' / 'LQ' / '10' / f'{path.stem}.jpg'), cv2.IMREAD_GRAYSCALE)
         pairs.append((lq[..., None].astype(np.float32) / 255, gt))
     _check(vals, _recompute(opt, run_dir, pairs), (5, 45))
+
+
+# ------------------------------------------------------------------------------------------------ MambaIRv2
+# The shipped light-SR x2 option file with a tiny MambaIRv2Light (window 8, one group of two layers) and tiny data.
+TINY_V2 = dict(embed_dim=24, depths=[2], num_heads=[2], window_size=8, inner_rank=8, num_tokens=8, d_state=4,
+               mlp_ratio=1.0)
+
+
+def _v2_option_file(tmp_path: Path, shared_data: Path, total_iter: int) -> dict:
+    """options/train/train_MambaIRv2_lightSR_x2.yml on T91 (LR by mambair-make-lr) -> Set5 crops (official LR)."""
+    opt = load_options('train/train_MambaIRv2_lightSR_x2.yml')
+    assert (opt['model_type'], opt['network_g']['type']) == ('MambaIRv2LightModel', 'MambaIRv2Light')
+    assert opt['network_g']['routing'] is None  # Gumbel in training, deterministic in validation
+    if not (tmp_path / 'val_hr').is_dir():
+        t91 = tmp_path / 'T91'
+        t91.mkdir()
+        for path in sorted((shared_data / 'T91').glob('*.bmp'))[:8]:
+            shutil.copy(path, t91 / path.name)
+        assert make_lr.main([str(t91), str(tmp_path / 'lr'), '-s', '2', '--hr-out', str(tmp_path / 'hr')]) == 0
+        for folder in ('val_hr', 'val_lr'):
+            (tmp_path / folder).mkdir()
+        for name in ('baby', 'bird', 'head'):  # 64 x 64 HR crops at even offsets: the official LR crops fit
+            hr = cv2.imread(str(shared_data / 'Set5' / 'HR' / f'{name}.png'))
+            lr = cv2.imread(str(shared_data / 'Set5' / 'LR_bicubic' / 'X2' / f'{name}x2.png'))
+            cv2.imwrite(str(tmp_path / 'val_hr' / f'{name}.png'), hr[96:160, 96:160])
+            cv2.imwrite(str(tmp_path / 'val_lr' / f'{name}.png'), lr[48:80, 48:80])
+    train, val = opt['datasets']['train'], opt['datasets']['val']
+    train.update(dataroot_gt=str(tmp_path / 'hr'), dataroot_lq=str(tmp_path / 'lr' / 'X2'), gt_size=32,
+                 batch_size_per_gpu=4, num_worker_per_gpu=0, dataset_enlarge_ratio=10)
+    val.update(name='Set5', dataroot_gt=str(tmp_path / 'val_hr'), dataroot_lq=str(tmp_path / 'val_lr'),
+               filename_tmpl='{}')
+    opt['network_g'].update(TINY_V2)
+    opt['name'] = 'v2_light'
+    opt['train']['total_iter'] = total_iter
+    opt['train']['optim_g']['lr'] = 2e-3  # a few dozen steps must show progress
+    opt['val'].update(val_freq=10, save_img=False)
+    opt['logger'].update(print_freq=5, save_checkpoint_freq=10, use_tb_logger=False)
+    return opt
+
+
+def test_mambairv2_light_sr_from_its_option_file_improves_and_resumes(tmp_path, shared_data):
+    """A tiny MambaIRv2Light trained through mambair-train from the shipped option file: validation PSNR on real
+    Set5 crops rises; a longer run with --auto_resume continues from the last state (iteration 20)."""
+    opt = _v2_option_file(tmp_path, shared_data, total_iter=20)
+    yml = write_options(tmp_path / 'v2.yml', opt)
+    run_cli('mambair-train', '-opt', str(yml), cwd=tmp_path, timeout=300)
+    run_dir = tmp_path / 'experiments' / 'v2_light'
+    assert sorted(p.name for p in (run_dir / 'training_states').iterdir()) == ['10.state', '20.state']
+
+    write_options(yml, _v2_option_file(tmp_path, shared_data, total_iter=40))
+    run_cli('mambair-train', '-opt', str(yml), '--auto_resume', cwd=tmp_path, timeout=300)
+    logs = sorted(run_dir.glob('train_v2_light_*.log'))
+    assert len(logs) == 2
+    resumed = logs[1].read_text()
+    assert re.findall(r'Resuming training from epoch: \d+, iter: (\d+)', resumed) == ['20'], resumed[-3000:]
+    assert 'End of training' in resumed and (run_dir / 'models' / 'net_g_40.pth').is_file()
+    # each run validates every 10 iterations and once more with the final weights: 10, 20, 20 | 30, 40, 40
+    psnr = [[float(v) for v in re.findall(r'Validation Set5\n\t # psnr: ([-\d.]+)', log.read_text())] for log in logs]
+    assert [len(p) for p in psnr] == [3, 3] and psnr[0][1] == psnr[0][2] and psnr[1][1] == psnr[1][2], psnr
+    assert psnr[1][-1] > psnr[0][0] + 1, psnr  # iteration 40 against iteration 10

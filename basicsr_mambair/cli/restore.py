@@ -1,4 +1,4 @@
-"""``mambair-restore``: restore your own images (files, folders, globs) with a MambaIR checkpoint, on CPU or GPU.
+"""``mambair-restore``: restore your own images (files, folders, globs) with a MambaIR-family checkpoint, on CPU or GPU.
 
 The work is done by :mod:`basicsr_mambair.api`; this module reads and writes the files, shows
 progress, and turns every failure into one line ``mambair-restore: error: <what> (<file>)``. A failing
@@ -19,6 +19,7 @@ import numpy as np
 
 import basicsr_mambair  # noqa: F401  (before `import basicsr`: torchvision alias; registers the archs)
 
+from ..archs.assm import ROUTING_MODES
 from ..errors import ImageError, MambaIRError
 from ..image_io import IMAGE_EXTENSIONS, read_image, write_image
 from .common import EXIT_INTERRUPTED, EXIT_NOTHING_RAN, EXIT_OK, EXIT_SOME_FAILED, error, note
@@ -37,8 +38,13 @@ gray; alpha is passed through, resized for SR). A 1-channel network (CAR) turns 
 added to the input.
 
 Without --task/--opt the architecture is inferred from the checkpoint (arch family, embed_dim, depths,
-d_state, mlp_ratio, upsampler, upscale, channels); img_range keeps its default 1.0, as in all official
-configs. Tasks: {tasks}."""
+d_state, mlp_ratio, upsampler, upscale, channels; MambaIRv2 also num_heads, window_size, inner_rank,
+num_tokens); img_range keeps its default 1.0, as in all official configs. Tasks: {tasks}.
+
+MambaIRv2 routes every token to a prompt class and scans the tokens sorted by class. --routing
+deterministic (the default) takes the most probable class and a stable sort: the same image always gives
+the same output. --routing gumbel samples the class with Gumbel noise, as the official code does at test
+time too: outputs differ slightly from run to run."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description='Restore images with a MambaIR / MambaIRUNet checkpoint (super-resolution, denoising, '
-                    'JPEG artefact reduction) on the CPU or a GPU.',
+        description='Restore images with a MambaIR / MambaIRUNet / MambaIRv2 checkpoint (super-resolution, '
+                    'denoising, JPEG artefact reduction) on the CPU or a GPU.',
         epilog=EPILOG.format(tasks=', '.join(preset_names())))
     parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders or glob patterns')
     parser.add_argument('-o', '--output', required=True, metavar='OUTDIR', help='folder for the results (created)')
@@ -70,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help='float16 autocast on CUDA (the selective scan stays float32)')
     precision.add_argument('--bf16', action='store_true',
                            help='bfloat16 autocast, on CUDA or the CPU (the selective scan stays float32)')
+    parser.add_argument('--routing', choices=ROUTING_MODES, default=None,
+                        help='MambaIRv2 token routing: deterministic (default; the same output on every run) or '
+                             'gumbel (the official random routing; outputs vary from run to run)')
     parser.add_argument('--suffix', default=None,
                         help='output name <stem>_<suffix>.png (default: the task, xN for SR, else "restored")')
     parser.add_argument('--compare', action='store_true',
@@ -159,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = 'fp16' if args.half else 'bf16' if args.bf16 else 'fp32'
     try:
         model = load_model(args.weights, task=args.task, opt=args.opt, device=args.device, precision=precision,
-                           param_key=args.param_key)
+                           param_key=args.param_key, routing=args.routing)
     except (MambaIRError, FileNotFoundError) as exc:
         error(PROG, str(exc))
         return EXIT_NOTHING_RAN

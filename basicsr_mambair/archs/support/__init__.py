@@ -1,6 +1,7 @@
 """Everything the package knows about an architecture family, in one module per family (spandrel's pattern).
 
-A family module (``mambair.py``, ``mambairunet.py``, ...) defines ``FAMILY = ArchFamily(...)``:
+A family module (``mambair.py``, ``mambairunet.py``, ...) defines ``FAMILY = ArchFamily(...)`` (or ``FAMILIES``, a
+tuple, for archs that share one module, as ``mambairv2.py``):
 
 - ``detect(state_dict) -> bool``: the key names are this family's;
 - ``infer(state_dict) -> kwargs``: every parameter-shaping constructor argument, from key names and shapes;
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError
-from . import mambair, mambairunet
+from . import mambair, mambairunet, mambairv2
 from .base import ArchFamily, ArchInfo, constructor_defaults
 
 __all__ = ['ArchFamily', 'ArchInfo', 'FAMILIES', 'constructor_defaults', 'describe', 'detect_arch_type', 'family',
@@ -28,7 +29,7 @@ __all__ = ['ArchFamily', 'ArchInfo', 'FAMILIES', 'constructor_defaults', 'descri
 
 _MAX_LISTED = 5
 
-FAMILIES: dict[str, ArchFamily] = {f.arch_type: f for f in (mambair.FAMILY, mambairunet.FAMILY)}
+FAMILIES: dict[str, ArchFamily] = {f.arch_type: f for f in (mambair.FAMILY, mambairunet.FAMILY, *mambairv2.FAMILIES)}
 
 
 def family(arch_type: str) -> ArchFamily:

@@ -46,6 +46,38 @@ def ss2d_config(state_dict: Mapping[str, torch.Tensor], prefix: str, width: int)
     return d_inner, d_state
 
 
+def infer_resi_connection(sd: Mapping[str, torch.Tensor]) -> str:
+    """``'1conv'`` or ``'3conv'``, from the body's last convolution (``conv_after_body``)."""
+    if 'conv_after_body.weight' in sd:
+        return '1conv'
+    if 'conv_after_body.0.weight' in sd:
+        return '3conv'
+    raise CheckpointError("neither conv_after_body.weight ('1conv') nor conv_after_body.0.weight ('3conv')")
+
+
+def infer_head(sd: Mapping[str, torch.Tensor], in_chans: int) -> tuple[str, int]:
+    """(upsampler, upscale) of the SwinIR-style reconstruction head MambaIR and MambaIRv2 share:
+    ``'pixelshuffle'`` (2^n or 3), ``'pixelshuffledirect'`` or ``''`` (denoising / CAR, upscale 1)."""
+    upsample_convs = sorted(int(m.group(1)) for k in sd if (m := re.match(r'^upsample\.(\d+)\.weight$', k)))
+    if 'conv_before_upsample.0.weight' in sd:
+        outs = [shape(sd, f'upsample.{i}.weight')[0] for i in upsample_convs]
+        num_feat = shape(sd, 'conv_before_upsample.0.weight')[0]
+        if all(out == 4 * num_feat for out in outs):
+            return 'pixelshuffle', 2 ** len(outs)
+        if outs == [9 * num_feat]:
+            return 'pixelshuffle', 3
+        raise CheckpointError(f'pixelshuffle head with upsample conv widths {outs}: not 2^n or 3')
+    if upsample_convs == [0]:
+        out = shape(sd, 'upsample.0.weight')[0]
+        upscale = math.isqrt(out // in_chans)
+        if upscale ** 2 * in_chans != out:
+            raise CheckpointError(f'upsample.0.weight has {out} outputs: not scale^2 * in_chans ({in_chans})')
+        return 'pixelshuffledirect', upscale
+    if 'conv_last.weight' in sd:
+        return '', 1
+    raise CheckpointError('no reconstruction head (conv_before_upsample / upsample.0 / conv_last)')
+
+
 def detect(state_dict: Mapping[str, Any]) -> bool:
     return 'conv_first.weight' in state_dict and any('.residual_group.blocks.' in k for k in state_dict)
 
@@ -69,34 +101,8 @@ def infer(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if d_inner is None:
         raise CheckpointError('no VSSBlock keys (layers.{i}.residual_group.blocks.{j}.*)')
 
-    if 'conv_after_body.weight' in sd:
-        resi_connection = '1conv'
-    elif 'conv_after_body.0.weight' in sd:
-        resi_connection = '3conv'
-    else:
-        raise CheckpointError("neither conv_after_body.weight ('1conv') nor conv_after_body.0.weight ('3conv')")
-
-    upsample_convs = sorted(int(m.group(1)) for k in sd if (m := re.match(r'^upsample\.(\d+)\.weight$', k)))
-    if 'conv_before_upsample.0.weight' in sd:
-        upsampler = 'pixelshuffle'
-        outs = [shape(sd, f'upsample.{i}.weight')[0] for i in upsample_convs]
-        num_feat = shape(sd, 'conv_before_upsample.0.weight')[0]
-        if all(out == 4 * num_feat for out in outs):
-            upscale = 2 ** len(outs)
-        elif outs == [9 * num_feat]:
-            upscale = 3
-        else:
-            raise CheckpointError(f'pixelshuffle head with upsample conv widths {outs}: not 2^n or 3')
-    elif upsample_convs == [0]:
-        upsampler = 'pixelshuffledirect'
-        out = shape(sd, 'upsample.0.weight')[0]
-        upscale = math.isqrt(out // in_chans)
-        if upscale ** 2 * in_chans != out:
-            raise CheckpointError(f'upsample.0.weight has {out} outputs: not scale^2 * in_chans ({in_chans})')
-    elif 'conv_last.weight' in sd:
-        upsampler, upscale = '', 1
-    else:
-        raise CheckpointError('no reconstruction head (conv_before_upsample / upsample.0 / conv_last)')
+    resi_connection = infer_resi_connection(sd)
+    upsampler, upscale = infer_head(sd, in_chans)
 
     light_cab = 'layers.0.residual_group.blocks.0.conv_blk.cab.4.weight' in sd
     if light_cab != (upsampler == 'pixelshuffledirect'):
