@@ -1,8 +1,9 @@
 """Make BasicSR importable and usable on today's torch/torchvision and on machines without a GPU.
 
 BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17 and assumes CUDA in a few places of
-its training pipeline. Everything here is a small, targeted fix of one of those places; each is
-a no-op where BasicSR (e.g. its git master) already does the right thing.
+its training pipeline (distributed init, DDP, resume, the Real-ESRGAN models). Everything here is
+a small, targeted fix of one of those places; on a GPU each does what BasicSR does, and each is a
+no-op where BasicSR (e.g. its git master) already does the right thing.
 """
 
 from __future__ import annotations
@@ -153,12 +154,52 @@ def load_resume_state(opt: dict):
 
 
 
+def real_esrgan_init(model_cls: type):
+    """``__init__`` for BasicSR's ``RealESRNetModel`` / ``RealESRGANModel`` (``model_cls``) on any device.
+
+    BasicSR's puts its JPEG simulator (``DiffJPEG``) and USM sharpener on ``.cuda()`` unconditionally, which
+    fails without a GPU; here they follow the model's device (``'cuda'`` where BasicSR would use it). The rest
+    is BasicSR's: the parent's ``__init__`` and the training-pair pool size.
+    """
+    from basicsr.utils import DiffJPEG, USMSharp
+
+    def __init__(self, opt: dict) -> None:
+        super(model_cls, self).__init__(opt)
+        self.jpeger = DiffJPEG(differentiable=False).to(self.device)  # simulates JPEG compression artefacts
+        self.usm_sharpener = USMSharp().to(self.device)
+        self.queue_size = opt.get('queue_size', 180)
+
+    __init__.__qualname__ = f'{model_cls.__name__}.__init__'
+    return __init__
+
+
+def pool_on_device(dequeue_and_enqueue):
+    """Wrap BasicSR's ``_dequeue_and_enqueue`` (the Real-ESRGAN training-pair pool) to allocate the pool
+    on the batch's device: BasicSR allocates it with ``.cuda()`` on first use. Once the pool exists, BasicSR's
+    method runs unchanged."""
+    import functools
+
+    @functools.wraps(dequeue_and_enqueue)
+    def wrapper(self) -> None:
+        if not hasattr(self, 'queue_lr'):
+            b = self.lq.size(0)
+            if self.queue_size % b:
+                raise OptionError(f'queue_size {self.queue_size} is not a multiple of the batch size {b}')
+            self.queue_lr = self.lq.new_zeros(self.queue_size, *self.lq.shape[1:])
+            self.queue_gt = self.gt.new_zeros(self.queue_size, *self.gt.shape[1:])
+            self.queue_ptr = 0
+        return dequeue_and_enqueue(self)
+
+    return wrapper
+
+
 _PATCHED = False
 
 
 def patch_basicsr() -> None:
     """Install the CPU-safe pieces into BasicSR's pipeline (idempotent): distributed init and DDP without
-    GPUs, and a resume that needs no GPU.
+    GPUs, a resume that needs no GPU, and Real-ESRGAN's degradation models (``RealESRNetModel``,
+    ``RealESRGANModel``) without GPUs.
 
     Called by our train/test entry points, not at package import, so merely importing the
     plugin never changes BasicSR's behaviour.
@@ -170,9 +211,14 @@ def patch_basicsr() -> None:
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
     from basicsr.models.base_model import BaseModel
+    from basicsr.models.realesrgan_model import RealESRGANModel
+    from basicsr.models.realesrnet_model import RealESRNetModel
 
     dist_util.init_dist = init_dist
     options.init_dist = init_dist
     BaseModel.model_to_device = model_to_device
     basicsr.train.load_resume_state = load_resume_state
+    for model_cls in (RealESRNetModel, RealESRGANModel):
+        model_cls.__init__ = real_esrgan_init(model_cls)
+        model_cls._dequeue_and_enqueue = pool_on_device(model_cls._dequeue_and_enqueue)
     _PATCHED = True
