@@ -193,13 +193,27 @@ def pool_on_device(dequeue_and_enqueue):
     return wrapper
 
 
+def contiguous_filter2d(filter2d):
+    """Wrap BasicSR's ``filter2D`` (the blur / sinc filtering of Real-ESRGAN's degradations) to take tensors in
+    any memory layout. It reshapes its input with ``.view()``, which fails for the channels-last strides that
+    ``DiffJPEG``'s output has and that PyTorch's CPU ``interpolate`` / reflection padding keep; a contiguous
+    copy gives the same values (``.contiguous()`` is free for tensors that already are)."""
+    import functools
+
+    @functools.wraps(filter2d)
+    def wrapper(img, kernel):
+        return filter2d(img.contiguous(), kernel)
+
+    return wrapper
+
+
 _PATCHED = False
 
 
 def patch_basicsr() -> None:
     """Install the CPU-safe pieces into BasicSR's pipeline (idempotent): distributed init and DDP without
     GPUs, a resume that needs no GPU, and Real-ESRGAN's degradation models (``RealESRNetModel``,
-    ``RealESRGANModel``) without GPUs.
+    ``RealESRGANModel``) without GPUs (device of their tools and pool, the layout of their filter's input).
 
     Called by our train/test entry points, not at package import, so merely importing the
     plugin never changes BasicSR's behaviour.
@@ -207,18 +221,20 @@ def patch_basicsr() -> None:
     global _PATCHED
     if _PATCHED:
         return
+    import basicsr.models.realesrgan_model as realesrgan_model
+    import basicsr.models.realesrnet_model as realesrnet_model
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
     import basicsr.utils.options as options
     from basicsr.models.base_model import BaseModel
-    from basicsr.models.realesrgan_model import RealESRGANModel
-    from basicsr.models.realesrnet_model import RealESRNetModel
 
     dist_util.init_dist = init_dist
     options.init_dist = init_dist
     BaseModel.model_to_device = model_to_device
     basicsr.train.load_resume_state = load_resume_state
-    for model_cls in (RealESRNetModel, RealESRGANModel):
+    for module, model_cls in ((realesrnet_model, realesrnet_model.RealESRNetModel),
+                              (realesrgan_model, realesrgan_model.RealESRGANModel)):
         model_cls.__init__ = real_esrgan_init(model_cls)
         model_cls._dequeue_and_enqueue = pool_on_device(model_cls._dequeue_and_enqueue)
+        module.filter2D = contiguous_filter2d(module.filter2D)
     _PATCHED = True

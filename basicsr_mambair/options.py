@@ -57,6 +57,12 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def registered(registry, name: str | None) -> bool:
+    """Whether BasicSR's ``registry.get(name)`` finds something: ``name`` itself, or ``name + '_basicsr'`` (the
+    name BasicSR gives its own classes registered with ``suffix='basicsr'``, e.g. ``RealESRGANDataset``)."""
+    return isinstance(name, str) and (name in registry or f'{name}_basicsr' in registry)
+
+
 def needs_ground_truth(metric_type: str) -> bool:
     """Whether BasicSR's metric ``metric_type`` compares with a reference image (it takes ``img2``: PSNR, SSIM)
     or scores the output alone (NIQE)."""
@@ -64,7 +70,7 @@ def needs_ground_truth(metric_type: str) -> bool:
 
     from basicsr.utils.registry import METRIC_REGISTRY
 
-    if metric_type not in METRIC_REGISTRY:
+    if not registered(METRIC_REGISTRY, metric_type):
         known = ', '.join(sorted(METRIC_REGISTRY._obj_map))
         raise OptionError(f"unknown metric type '{metric_type}' (registered: {known})")
     return 'img2' in inspect.signature(METRIC_REGISTRY.get(metric_type)).parameters
@@ -83,8 +89,11 @@ def missing_vgg_weights(vgg_type: str = 'vgg19') -> str | None:
     from basicsr.archs.vgg_arch import VGG_PRETRAIN_PATH
     from torchvision.models import get_model_weights
 
-    if vgg_type == 'vgg19' and osp.isfile(VGG_PRETRAIN_PATH):
-        return None
+    if osp.isfile(VGG_PRETRAIN_PATH):
+        if vgg_type == 'vgg19':
+            return None
+        return (f'BasicSR would load the vgg19 weights of {VGG_PRETRAIN_PATH} into a {vgg_type}: move that file '
+                f'away or use vgg_type vgg19')
     try:
         url = get_model_weights(vgg_type).IMAGENET1K_V1.url
     except (ValueError, AttributeError):
@@ -105,19 +114,19 @@ def check_options(opt: dict, path: str, is_train: bool) -> None:
     for key in ('name', 'model_type', 'datasets', 'path'):
         if key not in opt:
             raise OptionError(f"{path}: missing top-level key '{key}'")
-    if opt['model_type'] not in MODEL_REGISTRY:
+    if not registered(MODEL_REGISTRY, opt['model_type']):
         raise OptionError(f"{path}: unknown model_type '{opt['model_type']}' "
                           f'(registered: {", ".join(sorted(MODEL_REGISTRY._obj_map))})')
     for key, net_opt in opt.items():
         if key.startswith('network_'):
             arch = (net_opt or {}).get('type')
-            if arch not in ARCH_REGISTRY:
+            if not registered(ARCH_REGISTRY, arch):
                 raise OptionError(f"{path}: unknown arch type '{arch}' in {key} "
                                   f'(registered: {", ".join(sorted(ARCH_REGISTRY._obj_map))})')
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
         raise OptionError(f"{path}: 'datasets' must map phases (train, val, test_1, ...) to datasets")
     for phase, ds in opt['datasets'].items():
-        if ds.get('type') not in DATASET_REGISTRY:
+        if not registered(DATASET_REGISTRY, ds.get('type')):
             raise OptionError(f"{path}: unknown dataset type '{ds.get('type')}' in datasets:{phase}")
         backend = (ds.get('io_backend') or {}).get('type', 'disk')
         for root_key in ('dataroot_gt', 'dataroot_lq', 'meta_info_file', 'meta_info'):
