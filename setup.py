@@ -53,6 +53,7 @@ setup(
             'mambair-make-lr=basicsr_mambair.cli.make_lr:main',
             'mambair-make-jpeg=basicsr_mambair.cli.make_jpeg:main',
             'mambair-make-lmdb=basicsr_mambair.cli.make_lmdb:main',
+            'mambair-make-meta-info=basicsr_mambair.cli.make_meta_info:main',
         ],
     },
 )

@@ -1,7 +1,8 @@
 """Make BasicSR importable and usable on today's torch/torchvision and on machines without a GPU.
 
 BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17 and assumes CUDA in a few places of
-its training pipeline; its option reading knows neither the official MambaIR dialect nor our checks.
+its training pipeline (distributed init, DDP, resume, the Real-ESRGAN models); its option reading knows
+neither the official MambaIR dialect nor our checks.
 Everything here is a small, targeted fix of one of those places; each is a no-op where BasicSR
 (e.g. its git master) already does the right thing. :func:`patch_basicsr` installs them when the
 package is imported, so a plugin-style script (``import basicsr_mambair`` then BasicSR's
@@ -233,15 +234,72 @@ def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse
     return opt, args
 
 
+def real_esrgan_init(model_cls: type):
+    """``__init__`` for BasicSR's ``RealESRNetModel`` / ``RealESRGANModel`` (``model_cls``) on any device.
+
+    BasicSR's puts its JPEG simulator (``DiffJPEG``) and USM sharpener on ``.cuda()`` unconditionally, which
+    fails without a GPU; here they follow the model's device (``'cuda'`` where BasicSR would use it). The rest
+    is BasicSR's: the parent's ``__init__`` and the training-pair pool size.
+    """
+    from basicsr.utils import DiffJPEG, USMSharp
+
+    def __init__(self, opt: dict) -> None:
+        super(model_cls, self).__init__(opt)
+        self.jpeger = DiffJPEG(differentiable=False).to(self.device)  # simulates JPEG compression artefacts
+        self.usm_sharpener = USMSharp().to(self.device)
+        self.queue_size = opt.get('queue_size', 180)
+
+    __init__.__qualname__ = f'{model_cls.__name__}.__init__'
+    return __init__
+
+
+def pool_on_device(dequeue_and_enqueue):
+    """Wrap BasicSR's ``_dequeue_and_enqueue`` (the Real-ESRGAN training-pair pool) to allocate the pool
+    on the batch's device: BasicSR allocates it with ``.cuda()`` on first use. Once the pool exists, BasicSR's
+    method runs unchanged."""
+    import functools
+
+    @functools.wraps(dequeue_and_enqueue)
+    def wrapper(self) -> None:
+        if not hasattr(self, 'queue_lr'):
+            b = self.lq.size(0)
+            if self.queue_size % b:
+                raise OptionError(f'queue_size {self.queue_size} is not a multiple of the batch size {b}')
+            self.queue_lr = self.lq.new_zeros(self.queue_size, *self.lq.shape[1:])
+            self.queue_gt = self.gt.new_zeros(self.queue_size, *self.gt.shape[1:])
+            self.queue_ptr = 0
+        return dequeue_and_enqueue(self)
+
+    return wrapper
+
+
+def contiguous_filter2d(filter2d):
+    """Wrap BasicSR's ``filter2D`` (the blur / sinc filtering of Real-ESRGAN's degradations) to take tensors in
+    any memory layout. It reshapes its input with ``.view()``, which fails for the channels-last strides that
+    ``DiffJPEG``'s output has and that PyTorch's CPU ``interpolate`` / reflection padding keep; a contiguous
+    copy gives the same values (``.contiguous()`` is free for tensors that already are)."""
+    import functools
+
+    @functools.wraps(filter2d)
+    def wrapper(img, kernel):
+        return filter2d(img.contiguous(), kernel)
+
+    return wrapper
+
+
 _PATCHED = False
 
 
 def patch_basicsr() -> None:
     """Install the pieces above into BasicSR's pipeline (idempotent): option reading, distributed init and
-    DDP without GPUs, and a resume that needs no GPU. Called when the package is imported."""
+    DDP without GPUs, a resume that needs no GPU, and Real-ESRGAN's degradation models (``RealESRNetModel``,
+    ``RealESRGANModel``) without GPUs (device of their tools and pool, the layout of their filter's input).
+    Called when the package is imported."""
     global _PATCHED
     if _PATCHED:
         return
+    import basicsr.models.realesrgan_model as realesrgan_model
+    import basicsr.models.realesrnet_model as realesrnet_model
     import basicsr.test
     import basicsr.train
     import basicsr.utils.dist_util as dist_util
@@ -255,4 +313,9 @@ def patch_basicsr() -> None:
         module.parse_options = parse_options
     BaseModel.model_to_device = model_to_device
     basicsr.train.load_resume_state = load_resume_state
+    for module, model_cls in ((realesrnet_model, realesrnet_model.RealESRNetModel),
+                              (realesrgan_model, realesrgan_model.RealESRGANModel)):
+        model_cls.__init__ = real_esrgan_init(model_cls)
+        model_cls._dequeue_and_enqueue = pool_on_device(model_cls._dequeue_and_enqueue)
+        module.filter2D = contiguous_filter2d(module.filter2D)
     _PATCHED = True

@@ -21,7 +21,8 @@ from .compat import parse_options
 from .utils.files import atomic_write_bytes
 
 # how each metric is printed: BasicSR's names -> (column title, decimals)
-_FORMATS = {'psnr': ('PSNR (dB)', 4), 'ssim': ('SSIM', 4), 'psnr_y': ('PSNR-Y (dB)', 4), 'ssim_y': ('SSIM-Y', 4)}
+_FORMATS = {'psnr': ('PSNR (dB)', 4), 'ssim': ('SSIM', 4), 'psnr_y': ('PSNR-Y (dB)', 4), 'ssim_y': ('SSIM-Y', 4),
+            'niqe': ('NIQE', 4)}
 
 
 def _fmt(metric: str, value: float) -> str:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from .dialect import fit_num_gpu, translate
 from .errors import OptionError
 
-__all__ = ['OptionError', 'apply_overrides', 'check_options', 'load_options', 'read_option_file']
+__all__ = ['OptionError', 'apply_overrides', 'check_options', 'compile_options', 'load_options',
+           'missing_vgg_weights', 'needs_ground_truth', 'read_option_file']
 
 # Keys that --force_yml may add to a file that lacks them (section path -> keys; '*' = any dataset phase):
 # the optional options our models, datasets and BasicSR read. Anything else must exist already, so that a
@@ -156,7 +157,7 @@ def _check_pairs(ds: dict, roots: dict, where: str) -> None:
 def _check_dataset(ds: dict, where: str) -> None:
     from basicsr.utils.registry import DATASET_REGISTRY
 
-    if ds.get('type') not in DATASET_REGISTRY:
+    if not registered(DATASET_REGISTRY, ds.get('type')):
         raise OptionError(f"unknown dataset type '{ds.get('type')}' in {where}")
     for key in ('name', 'filename_tmpl', 'meta_info_file', 'dataroot_gt', 'dataroot_lq'):
         if ds.get(key) is not None and not isinstance(ds[key], str):
@@ -164,7 +165,7 @@ def _check_dataset(ds: dict, where: str) -> None:
     backend = (ds.get('io_backend') or {}).get('type', 'disk')
     parts = ds.get('roots') if ds.get('type') == 'MultiRootDataset' else [ds]
     for roots in parts:
-        for root_key in ('dataroot_gt', 'dataroot_lq', 'meta_info_file'):
+        for root_key in ('dataroot_gt', 'dataroot_lq', 'meta_info_file', 'meta_info'):
             if roots.get(root_key) is None:
                 continue
             root = osp.expanduser(str(roots[root_key]))
@@ -183,7 +184,7 @@ def _network_channels(net_opt: dict) -> int | None:
 
     from .archs.support import constructor_defaults
 
-    if net_opt.get('type') not in ARCH_REGISTRY:
+    if net_opt.get('type') not in ARCH_REGISTRY:  # unknown, or one of BasicSR's own (no MambaIR input channels)
         return None
     args = {**constructor_defaults(net_opt['type']), **net_opt}
     chans = args.get('in_chans', args.get('inp_channels'))
@@ -203,6 +204,56 @@ def _check_val(val: dict) -> None:
             raise OptionError(f'val:{key} must be an integer >= {least} ({meaning}), got {value!r}')
 
 
+def registered(registry, name: str | None) -> bool:
+    """Whether BasicSR's ``registry.get(name)`` finds something: ``name`` itself, or ``name + '_basicsr'`` (the
+    name BasicSR gives its own classes registered with ``suffix='basicsr'``, e.g. ``RealESRGANDataset``)."""
+    return isinstance(name, str) and (name in registry or f'{name}_basicsr' in registry)
+
+
+def needs_ground_truth(metric_type: str) -> bool:
+    """Whether BasicSR's metric ``metric_type`` compares with a reference image (it takes ``img2``: PSNR, SSIM)
+    or scores the output alone (NIQE)."""
+    import inspect
+
+    from basicsr.utils.registry import METRIC_REGISTRY
+
+    if not registered(METRIC_REGISTRY, metric_type):
+        known = ', '.join(sorted(METRIC_REGISTRY._obj_map))
+        raise OptionError(f"unknown metric type '{metric_type}' (registered: {known})")
+    return 'img2' in inspect.signature(METRIC_REGISTRY.get(metric_type)).parameters
+
+
+def missing_vgg_weights(vgg_type: str = 'vgg19') -> str | None:
+    """None when BasicSR's ``VGGFeatureExtractor(vgg_type)`` (the perceptual loss) finds its ImageNet weights
+    on disk, else one line saying where to put them.
+
+    BasicSR reads ``experiments/pretrained_models/vgg19-dcbb9e9d.pth`` (its ``VGG_PRETRAIN_PATH``, relative to
+    the working directory, loaded whatever ``vgg_type`` is) or else asks torchvision, which downloads the file
+    into the torch hub cache when it is not there. Refusing before that keeps a run from stalling or failing
+    deep in model construction on a machine without internet access.
+    """
+    import torch
+    from basicsr.archs.vgg_arch import VGG_PRETRAIN_PATH
+    from torchvision.models import get_model_weights
+
+    if osp.isfile(VGG_PRETRAIN_PATH):
+        if vgg_type == 'vgg19':
+            return None
+        return (f'BasicSR would load the vgg19 weights of {VGG_PRETRAIN_PATH} into a {vgg_type}: move that file '
+                f'away or use vgg_type vgg19')
+    try:
+        url = get_model_weights(vgg_type).IMAGENET1K_V1.url
+    except (ValueError, AttributeError):
+        return f"unknown vgg_type '{vgg_type}' (torchvision has no ImageNet weights of that name)"
+    name = osp.basename(url)
+    cached = osp.join(torch.hub.get_dir(), 'checkpoints', name)
+    if osp.isfile(cached):
+        return None
+    local = f' or {VGG_PRETRAIN_PATH}' if vgg_type == 'vgg19' else ''
+    return (f'the {vgg_type} ImageNet weights are not on this machine and are not downloaded automatically: put '
+            f'{name} ({url}) at {cached} (the torch hub cache; TORCH_HOME moves it){local}')
+
+
 def check_options(opt: dict, path: str, is_train: bool) -> None:
     """Catch the usual mistakes before BasicSR creates folders or builds anything (options as
     :func:`load_options` returns them)."""
@@ -211,13 +262,13 @@ def check_options(opt: dict, path: str, is_train: bool) -> None:
     for key in ('name', 'model_type', 'datasets', 'path'):
         if key not in opt:
             raise OptionError(f"{path}: missing top-level key '{key}'")
-    if opt['model_type'] not in MODEL_REGISTRY:
+    if not registered(MODEL_REGISTRY, opt['model_type']):
         raise OptionError(f"{path}: unknown model_type '{opt['model_type']}' "
                           f'(registered: {", ".join(sorted(MODEL_REGISTRY._obj_map))})')
     for key, net_opt in opt.items():
         if key.startswith('network_'):
             arch = (net_opt or {}).get('type')
-            if arch not in ARCH_REGISTRY:
+            if not registered(ARCH_REGISTRY, arch):
                 raise OptionError(f"{path}: unknown arch type '{arch}' in {key} "
                                   f'(registered: {", ".join(sorted(ARCH_REGISTRY._obj_map))})')
     if not isinstance(opt['datasets'], dict) or not opt['datasets']:
@@ -241,13 +292,26 @@ def check_options(opt: dict, path: str, is_train: bool) -> None:
     if is_train and 'train' not in opt:
         raise OptionError(f"{path}: missing top-level key 'train' (losses, optimizer, total_iter)")
     _check_speed_options(opt, path, is_train)
+    _check_metrics(opt, path)
+    if is_train:
+        _check_real_esrgan(opt, path)
+
+
+def compile_options(value) -> dict | None:
+    """``torch.compile`` keyword arguments of a ``network_g:compile`` value (None: not compiled)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ValueError(f'network_g:compile must be true, false or a mapping of torch.compile arguments, not {value!r}')
 
 
 def _check_speed_options(opt: dict, path: str, is_train: bool) -> None:
     """``train:use_amp`` and ``network_g:compile`` (ours, unknown to BasicSR) fit this machine."""
     import torch
 
-    from .models.mambair_model import compile_options
     from .utils.amp import amp_dtype
 
     try:
@@ -257,3 +321,35 @@ def _check_speed_options(opt: dict, path: str, is_train: bool) -> None:
             amp_dtype(opt['train']['use_amp'], device)
     except ValueError as exc:
         raise OptionError(f'{path}: {exc}') from None
+
+
+def _check_metrics(opt: dict, path: str) -> None:
+    """Metric types exist; a full-reference metric needs test/val datasets with ground truth."""
+    metrics = (opt.get('val') or {}).get('metrics') or {}
+    for name, metric_opt in metrics.items():
+        try:
+            full_reference = needs_ground_truth((metric_opt or {}).get('type'))
+        except OptionError as e:
+            raise OptionError(f'{path}: val:metrics:{name}: {e}') from None
+        if not full_reference:
+            continue
+        for phase, ds in opt['datasets'].items():
+            if phase != 'train' and ds.get('dataroot_gt') is None and not ds.get('roots'):
+                raise OptionError(f"{path}: val:metrics:{name} ({metric_opt['type']}) compares with ground truth, "
+                                  f'but datasets:{phase} has none (no dataroot_gt): remove the metric or use a '
+                                  'no-reference one such as calculate_niqe')
+
+
+def _check_real_esrgan(opt: dict, path: str) -> None:
+    """What BasicSR's Real-ESRGAN models would only find out late: the training-pair pool must hold whole
+    batches, and a perceptual loss needs VGG weights that must not be downloaded mid-construction."""
+    batch = (opt['datasets'].get('train') or {}).get('batch_size_per_gpu')
+    queue = opt.get('queue_size')
+    if queue is not None and batch and int(queue) % int(batch):
+        raise OptionError(f'{path}: queue_size {queue} is not a multiple of datasets:train:batch_size_per_gpu '
+                          f'{batch} (the training-pair pool holds whole batches)')
+    for key, loss_opt in (opt.get('train') or {}).items():
+        if isinstance(loss_opt, dict) and loss_opt.get('type') == 'PerceptualLoss':
+            problem = missing_vgg_weights(loss_opt.get('vgg_type', 'vgg19'))
+            if problem:
+                raise OptionError(f'{path}: train:{key} (PerceptualLoss): {problem}')

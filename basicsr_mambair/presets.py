@@ -124,6 +124,22 @@ def _real_dn() -> Preset:
         crop_border=0, test_y_channel=False, test_sets=('SIDD', 'DND'))
 
 
+def _real_sr() -> Preset:
+    """Real-world SR x4 (Real-ESRGAN degradations, ``options/train/train_MambaIR_RealESR{Net,GAN}_x4.yml``).
+
+    Our assumption, not an official configuration: the official repository ships no option file for its
+    released ``MambaIR_realSR`` weights (Google Drive ``16BBSRz1HellkTgypu4wu3CHA20CLgpSY``, spec 6.1), and the
+    maintainers say the real-SR network "is the same as classicSR" (csguoh/MambaIR#74). We take the classic-SR
+    x4 body with the ``nearest+conv`` head of SwinIR's real-SR models (MambaIRv2's code has it too). Config
+    inference reads the head from the weights, so checkpoints with the pixelshuffle head load too (as
+    ``classicSR_x4``). ``task='real_SR'`` (ours): Real-ESRGAN degradations; real LQ images have no ground truth,
+    so no reference metrics (NIQE instead).
+    """
+    kwargs = dict(_classic_sr(4).kwargs, upsampler='nearest+conv')
+    return Preset(name='realSR_x4', arch_type='MambaIR', scale=4, in_channels=3, task='real_SR', kwargs=kwargs,
+                  crop_border=4, test_y_channel=False, test_sets=('RealSRSet',))
+
+
 # MambaIRv2 (options/{train,test}/mambairv2/*.yml of the official main branch): Base-sized attention / ASSM
 # settings shared by every config but the light one.
 _V2 = {'img_size': 64, 'window_size': 16, 'inner_rank': 64, 'num_tokens': 128, 'convffn_kernel_size': 5,
@@ -175,6 +191,7 @@ PRESETS: dict[str, Preset] = {
         *(_color_dn(n) for n in (15, 25, 50)),
         *(_car(q) for q in (10, 30, 40)),
         _real_dn(),
+        _real_sr(),
         *(_v2_light_sr(s) for s in (2, 3, 4)),
         *(_v2_classic_sr(size, s) for size in V2_CLASSIC_SIZES for s in (2, 3, 4)),
         *(_v2_color_dn(n) for n in (15, 25, 50)),

@@ -19,7 +19,7 @@ from basicsr_mambair.archs.support import describe
 from basicsr_mambair.memory import measure_peak_bytes
 from basicsr_mambair.presets import get_preset
 
-PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realDN',
+PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realSR_x4', 'realDN',
            'v2_lightSR_x2', 'v2_lightSR_x4', 'v2_colorDN_15', 'v2_CAR_10', 'v2_classicSR_Small_x2',
            'v2_classicSR_Base_x2', 'v2_classicSR_Base_x4', 'v2_classicSR_Large_x2')
 

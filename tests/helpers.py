@@ -50,6 +50,7 @@ CONSOLE_SCRIPTS = {
     'mambair-make-lr': 'basicsr_mambair.cli.make_lr',
     'mambair-make-jpeg': 'basicsr_mambair.cli.make_jpeg',
     'mambair-make-lmdb': 'basicsr_mambair.cli.make_lmdb',
+    'mambair-make-meta-info': 'basicsr_mambair.cli.make_meta_info',
 }
 
 

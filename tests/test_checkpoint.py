@@ -47,6 +47,8 @@ ROUND_TRIPS = [
                              'upscale': 1, 'img_range': 255.0}, id='mambair-car-img-range-255'),
     pytest.param('MambaIR', {'embed_dim': 40, 'depths': [1, 1, 1, 1, 1], 'd_state': 8, 'mlp_ratio': 2.5,
                              'upscale': 3, 'upsampler': 'pixelshuffledirect'}, id='mambair-light-x3-five-groups'),
+    pytest.param('MambaIR', {'embed_dim': 30, 'depths': [2, 1], 'd_state': 4, 'mlp_ratio': 1.2, 'upscale': 4,
+                             'upsampler': 'nearest+conv', 'resi_connection': '3conv'}, id='mambair-realsr-tiny'),
     pytest.param('MambaIRUNet', {'dim': 32, 'num_blocks': [1, 2, 1, 2], 'num_refinement_blocks': 1,
                                  'mlp_ratio': 1.2, 'bias': True}, id='unet-bias-other-depths'),
     pytest.param('MambaIRUNet', {'inp_channels': 3, 'out_channels': 6, 'dim': 32, 'num_blocks': [1, 1, 1, 1],
@@ -147,6 +149,18 @@ def test_infer_config_recognises_old_light_checkpoints() -> None:
     sd['upsample.0.weight'] = torch.zeros(12, 36, 3, 3)
     with pytest.raises(CheckpointError, match='before Oct 2024'):
         infer_config(sd)
+
+
+def test_infer_config_checks_the_nearest_conv_head() -> None:
+    """The real-SR head: every conv of it must be there, with the classic CAB (the only one MambaIR pairs it with)."""
+    sd = MambaIR(embed_dim=30, depths=[1], d_state=4, upscale=4, upsampler='nearest+conv').state_dict()
+    with pytest.raises(CheckpointError, match="'conv_hr.weight' is missing"):
+        infer_config({k: v for k, v in sd.items() if not k.startswith('conv_hr.')})
+    light = MambaIR(embed_dim=30, depths=[1], d_state=4, upscale=4, upsampler='pixelshuffledirect').state_dict()
+    mixed = {**{k: v for k, v in light.items() if not k.startswith('upsample.')},
+             **{k: v for k, v in sd.items() if not k.startswith('layers.')}}
+    with pytest.raises(CheckpointError, match='light CAB keys .* with a nearest\\+conv head'):
+        infer_config(mixed)
 
 
 # ---------------------------------------------------------------------------------------------- load_checked

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import cv2
@@ -9,14 +10,16 @@ import lmdb
 import numpy as np
 import pytest
 from helpers import run_cli
+from tiny_experiments import load_options
 
-from basicsr_mambair.cli import extract_subimages, make_jpeg, make_lmdb, make_lr
+from basicsr_mambair.cli import extract_subimages, make_jpeg, make_lmdb, make_lr, make_meta_info
 
 TOOLS = {
     'mambair-extract-subimages': extract_subimages,
     'mambair-make-lr': make_lr,
     'mambair-make-jpeg': make_jpeg,
     'mambair-make-lmdb': make_lmdb,
+    'mambair-make-meta-info': make_meta_info,
 }
 
 
@@ -143,6 +146,38 @@ def test_make_lmdb_keys_meta_info_and_content(tmp_path, shared_data):
     env.close()
 
 
+def test_make_meta_info_lists_what_realesrgan_dataset_reads(tmp_path, shared_data):
+    """Paths relative to the root (the folders' common parent by default), readable back by BasicSR's
+    RealESRGANDataset; a folder linked into the root stays inside it."""
+    from basicsr.data.realesrgan_dataset import RealESRGANDataset
+
+    root = tmp_path / 'hr'
+    shutil.copytree(shared_data / 'Classic5', root / 'classic5')
+    (root / 'set5').symlink_to(shared_data / 'Set5' / 'HR', target_is_directory=True)
+    meta = tmp_path / 'meta_info.txt'
+    proc = run_cli('mambair-make-meta-info', str(root / 'classic5'), str(root / 'set5'), '-o', str(meta),
+                   cwd=tmp_path)
+    assert proc.stdout.strip() == f'wrote 10 image paths to {meta} (relative to hr: use it as dataroot_gt)'
+    lines = meta.read_text().splitlines()
+    assert lines[:2] == ['classic5/baboon.bmp', 'classic5/barbara.bmp'] and lines[5:] == [
+        'set5/baby.png', 'set5/bird.png', 'set5/butterfly.png', 'set5/head.png', 'set5/woman.png']
+    # BasicSR's reader of the file, with the shipped option file's dataset options
+    opt = dict(load_options('train/train_MambaIR_RealESRNet_x4.yml')['datasets']['train'], dataroot_gt=str(root),
+               meta_info=str(meta))
+    dataset = RealESRGANDataset(opt)
+    assert dataset.paths == [os.path.join(str(root), line) for line in lines]
+    assert tuple(dataset[9]['gt'].shape) == (3, 400, 400)  # woman.png (344x228), padded to 400 by BasicSR
+    # one folder: it is the root; outside --root or a name with a space: one line each
+    assert make_meta_info.main([str(root / 'set5'), '-o', str(tmp_path / 'm2.txt'), '-j', '1']) == 0
+    assert (tmp_path / 'm2.txt').read_text().splitlines()[0] == 'baby.png'
+    assert make_meta_info.main([str(root / 'set5'), '-o', str(tmp_path / 'm3.txt'), '--root',
+                                str(root / 'classic5')]) == 2
+    (root / 'with space').mkdir()
+    shutil.copy(shared_data / 'Classic5' / 'lena.bmp', root / 'with space')
+    assert make_meta_info.main([str(root / 'with space'), '-o', str(tmp_path / 'm4.txt'), '--root', str(root)]) == 2
+    assert not (tmp_path / 'm3.txt').exists() and not (tmp_path / 'm4.txt').exists()
+
+
 @pytest.mark.parametrize('prog', sorted(TOOLS))
 def test_help(prog, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -159,6 +194,7 @@ def test_refuse_existing_output_unless_overwrite(tmp_path, shared_data, capsys):
         'mambair-make-lr': [str(classic5), str(tmp_path / 'lr'), '-s', '2'],
         'mambair-extract-subimages': [str(classic5), str(tmp_path / 'sub'), '--crop-size', '256', '--step', '256'],
         'mambair-make-lmdb': [str(classic5), str(tmp_path / 'c5.lmdb')],
+        'mambair-make-meta-info': [str(classic5), '-o', str(tmp_path / 'meta_info.txt')],
     }
     for prog, args in runs.items():
         assert TOOLS[prog].main([*args, '-j', '1']) == 0, prog
@@ -181,6 +217,7 @@ def test_bad_input_gives_one_line(tmp_path, shared_data, capfd):
         ('mambair-make-lmdb', [str(bad), str(tmp_path / 'o3.lmdb')], 'cannot decode image'),
         ('mambair-make-lmdb', [str(bad), str(tmp_path / 'o4')], "must end in '.lmdb'"),
         ('mambair-extract-subimages', [str(bad), str(tmp_path / 'o5'), '--scale', '7'], 'not divisible by --scale 7'),
+        ('mambair-make-meta-info', [str(bad), '-o', str(tmp_path / 'o6.txt')], 'cannot decode image'),
     ]
     for prog, args, message in cases:
         assert TOOLS[prog].main([*args, '-j', '2']) == 2, prog
@@ -191,3 +228,4 @@ def test_bad_input_gives_one_line(tmp_path, shared_data, capfd):
         if message == 'cannot decode image':
             assert 'zz_broken.png' in last
     assert not (tmp_path / 'o3.lmdb').exists(), 'a failed LMDB must not be left behind'
+    assert not (tmp_path / 'o6.txt').exists(), 'no meta-info file listing a broken image'

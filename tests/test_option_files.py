@@ -20,16 +20,19 @@ from basicsr_mambair.utils.matlab_resize import imresize_matlab
 
 ALL_OPTIONS = sorted((REPO / 'options').glob('*/*.yml'))
 ALL_IDS = [p.name for p in ALL_OPTIONS]
-# the Gaussian-DN / CAR / SR files of the official MambaIR and MambaIRv2 (real denoising and the bicubic baseline
-# have their own tests)
-OPTIONS = [p for p in ALL_OPTIONS if 'RealDN' not in p.name and 'Bicubic' not in p.name]
+# the Gaussian-DN / CAR / SR files of the official MambaIR and MambaIRv2 (real denoising, real-world SR and the
+# bicubic baseline have their own tests)
+OPTIONS = [p for p in ALL_OPTIONS if not any(k in p.name for k in ('RealDN', 'Bicubic', 'RealES', 'RealSR'))]
 OPTION_IDS = [p.name for p in OPTIONS]
+# real-world SR (ours: no official files): Real-ESRGAN's two stages and a test file for photos without ground truth
+REAL_SR = {'train_MambaIR_RealESRNet_x4.yml', 'train_MambaIR_RealESRGAN_x4.yml', 'test_MambaIR_RealSR_x4.yml'}
 
 # spec section 5: parameters of the official configurations (instantiated official classes), by (family, task)
 PARAMS = {('Bicubic', 'SR'): 0, ('MambaIR', 'SR_x2'): 20_421_863, ('MambaIR', 'SR_x3'): 20_606_503,
           ('MambaIR', 'SR_x4'): 20_569_575, ('MambaIR', 'lightSR_x2'): 905_016, ('MambaIR', 'lightSR_x3'): 913_131,
           ('MambaIR', 'lightSR_x4'): 924_492, ('MambaIR', 'ColorDN'): 15_777_507, ('MambaIR', 'CAR'): 15_771_025,
-          ('MambaIR', 'RealDN'): 26_779_480,
+          ('MambaIR', 'RealDN'): 26_779_480, ('MambaIR', 'RealESRNet_x4'): 20_384_935,
+          ('MambaIR', 'RealESRGAN_x4'): 20_384_935, ('MambaIR', 'RealSR_x4'): 20_384_935,
           ('MambaIRv2', 'lightSR_x2'): 774_092, ('MambaIRv2', 'lightSR_x3'): 780_587,
           ('MambaIRv2', 'lightSR_x4'): 789_680, ('MambaIRv2', 'SRSmall_x2'): 9_621_935,
           ('MambaIRv2', 'SRSmall_x3'): 9_806_575, ('MambaIRv2', 'SRSmall_x4'): 9_769_647,
@@ -211,6 +214,75 @@ def test_released_v2_weights_are_documented():
             assert f'`{name}`' in readme or f'`{small_large}` (x3, x4 alike)' in readme, name
 
 
+# Real-ESRGAN's published recipe (options/train_realesr{net,gan}_x4plus.yml of xinntao/Real-ESRGAN, kept by HAT's
+# train_Real_HAT_SRx4_mse_model.yml / train_Real_HAT_GAN_SRx4_finetune_from_mse_model.yml)
+REAL_ESRGAN_DEGRADATIONS = {
+    'resize_prob': [0.2, 0.7, 0.1], 'resize_range': [0.15, 1.5], 'gaussian_noise_prob': 0.5, 'noise_range': [1, 30],
+    'poisson_scale_range': [0.05, 3], 'gray_noise_prob': 0.4, 'jpeg_range': [30, 95], 'second_blur_prob': 0.8,
+    'resize_prob2': [0.3, 0.4, 0.3], 'resize_range2': [0.3, 1.2], 'gaussian_noise_prob2': 0.5, 'noise_range2': [1, 25],
+    'poisson_scale_range2': [0.05, 2.5], 'gray_noise_prob2': 0.4, 'jpeg_range2': [30, 95], 'gt_size': 256,
+    'queue_size': 180}
+_KERNELS = ['iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso']
+REAL_ESRGAN_DATASET = {
+    'type': 'RealESRGANDataset', 'io_backend': {'type': 'disk'}, 'blur_kernel_size': 21, 'kernel_list': _KERNELS,
+    'kernel_prob': [0.45, 0.25, 0.12, 0.03, 0.12, 0.03], 'sinc_prob': 0.1, 'blur_sigma': [0.2, 3],
+    'betag_range': [0.5, 4], 'betap_range': [1, 2], 'blur_kernel_size2': 21, 'kernel_list2': _KERNELS,
+    'kernel_prob2': [0.45, 0.25, 0.12, 0.03, 0.12, 0.03], 'sinc_prob2': 0.1, 'blur_sigma2': [0.2, 1.5],
+    'betag_range2': [0.5, 4], 'betap_range2': [1, 2], 'final_sinc_prob': 0.8, 'gt_size': 256, 'use_hflip': True,
+    'use_rot': False, 'use_shuffle': True, 'num_worker_per_gpu': 5, 'batch_size_per_gpu': 4,  # HAT's batch
+    'dataset_enlarge_ratio': 1, 'prefetch_mode': None}
+ADAM_1E4 = {'type': 'Adam', 'lr': 1e-4, 'weight_decay': 0, 'betas': [0.9, 0.99]}  # HAT's lr (Real-ESRNet: 2e-4)
+REAL_ESRGAN_LOSSES = {
+    'perceptual_opt': {'type': 'PerceptualLoss', 'layer_weights': {'conv1_2': 0.1, 'conv2_2': 0.1, 'conv3_4': 1,
+                                                                   'conv4_4': 1, 'conv5_4': 1},
+                       'vgg_type': 'vgg19', 'use_input_norm': True, 'perceptual_weight': 1.0, 'style_weight': 0,
+                       'range_norm': False, 'criterion': 'l1'},
+    'gan_opt': {'type': 'GANLoss', 'gan_type': 'vanilla', 'real_label_val': 1.0, 'fake_label_val': 0.0,
+                'loss_weight': 0.1},
+    'net_d_iters': 1, 'net_d_init_iters': 0}
+
+
+def test_real_sr_files_follow_real_esrgan_and_hat():
+    from basicsr_mambair.presets import get_preset
+
+    network = get_preset('realSR_x4').network_g()
+    assert {p.name for p in ALL_OPTIONS if 'RealES' in p.name or 'RealSR' in p.name} == REAL_SR
+    stage1, stage2 = (yaml.safe_load((REPO / 'options' / 'train' / f'train_MambaIR_{s}_x4.yml').read_text())
+                      for s in ('RealESRNet', 'RealESRGAN'))
+    for opt, model in ((stage1, 'MambaIRRealESRNetModel'), (stage2, 'MambaIRRealESRGANModel')):
+        assert (opt['model_type'], opt['scale'], opt['num_gpu'], opt['manual_seed']) == (model, 4, 'auto', 0)
+        assert {k: opt[k] for k in REAL_ESRGAN_DEGRADATIONS} == REAL_ESRGAN_DEGRADATIONS
+        train_ds = opt['datasets']['train']
+        assert {k: train_ds[k] for k in REAL_ESRGAN_DATASET} == REAL_ESRGAN_DATASET
+        assert train_ds['dataroot_gt'] == 'datasets/DF2K_OST'
+        assert train_ds['meta_info'] == 'datasets/DF2K_OST/meta_info.txt'
+        assert opt['network_g'] == network  # the realSR_x4 preset
+        t = opt['train']
+        assert (t['ema_decay'], t['optim_g'], t['warmup_iter']) == (0.999, ADAM_1E4, -1)
+        assert t['pixel_opt'] == {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'}
+        assert opt['path']['param_key_g'] == 'params_ema' and opt['path']['strict_load_g'] is True
+        assert opt['logger']['save_checkpoint_freq'] == 1e4 and 'val' not in opt  # validation: commented out
+    assert stage1['gt_usm'] is True and (stage2['l1_gt_usm'], stage2['percep_gt_usm'], stage2['gan_gt_usm']) == (
+        True, True, False)
+    assert stage1['train']['scheduler'] == {'type': 'MultiStepLR', 'milestones': [1000000], 'gamma': 0.5}
+    assert stage1['train']['total_iter'] == 1000000 and stage1['path']['pretrain_network_g'] is None
+    assert stage2['train']['scheduler'] == {'type': 'MultiStepLR', 'milestones': [400000], 'gamma': 0.5}
+    assert stage2['train']['total_iter'] == 400000 and stage2['train']['optim_d'] == ADAM_1E4
+    assert {k: stage2['train'][k] for k in REAL_ESRGAN_LOSSES} == REAL_ESRGAN_LOSSES
+    assert stage2['network_d'] == {'type': 'UNetDiscriminatorSN', 'num_in_ch': 3, 'num_feat': 64,
+                                   'skip_connection': True}
+    # stage 2 starts from stage 1's output, by a path relative to the working directory
+    assert stage2['path']['pretrain_network_g'] == f'experiments/{stage1["name"]}/models/net_g_latest.pth'
+
+    test = yaml.safe_load((REPO / 'options' / 'test' / 'test_MambaIR_RealSR_x4.yml').read_text())
+    assert test['network_g'] == network and test['model_type'] == 'MambaIRModel'
+    assert test['datasets'] == {'test_1': {'name': 'RealSRSet', 'type': 'SingleImageDataset',
+                                           'dataroot_lq': 'datasets/RealSRSet', 'io_backend': {'type': 'disk'}}}
+    assert test['val']['metrics'] == {'niqe': {'type': 'calculate_niqe', 'crop_border': 4, 'better': 'lower'}}
+    assert test['val']['save_img'] is True and test['val']['tile']
+    assert test['path']['pretrain_network_g'] == 'experiments/pretrained_models/MambaIR_RealSR_x4.pth'
+
+
 def test_every_data_root_is_documented():
     readme = (REPO / 'datasets' / 'README.md').read_text()
     for path in ALL_OPTIONS:
@@ -241,6 +313,13 @@ def mini_root(tmp_path_factory, shared_data) -> Path:
         opt = yaml.safe_load(path.read_text())
         scale = opt['scale']
         for ds in opt['datasets'].values():
+            if 'meta_info' in ds:  # RealESRGANDataset: HR images listed in a meta-info file
+                (root / ds['meta_info']).parent.mkdir(parents=True, exist_ok=True)
+                (root / ds['meta_info']).write_text(''.join(f'{name}.png\n' for name in crops))
+            if 'dataroot_gt' not in ds:  # SingleImageDataset: LQ images only
+                for name, img in crops.items():
+                    _write(root / ds['dataroot_lq'] / f'{name}.png', img)
+                continue
             gt_root, lq_root = root / ds['dataroot_gt'], ds.get('dataroot_lq')
             for name, img in crops.items():
                 if ds['type'] == 'JPEGArtifactDataset':
@@ -256,6 +335,8 @@ def mini_root(tmp_path_factory, shared_data) -> Path:
         if weights:
             (root / weights).parent.mkdir(parents=True, exist_ok=True)
             (root / weights).touch()
+    # the perceptual loss's VGG19 weights where BasicSR looks first (the option check only needs the file)
+    (root / 'experiments' / 'pretrained_models' / 'vgg19-dcbb9e9d.pth').touch()
     return root
 
 
@@ -290,6 +371,12 @@ def test_parses_checks_and_builds(path, mini_root, monkeypatch):
         dataset = build_dataset(ds_opt)
         assert len(dataset) == 2, phase
         item = dataset[0]
+        if ds_opt['type'] == 'RealESRGANDataset':  # HR only (padded to BasicSR's 400) and the blur kernels
+            assert tuple(item['gt'].shape) == (3, 400, 400) and tuple(item['kernel1'].shape) == (21, 21)
+            continue
+        if ds_opt['type'] == 'SingleImageDataset':  # real photos: no ground truth
+            assert 'gt' not in item and tuple(item['lq'].shape) == (3, 384, 384)
+            continue
         lq, gt = item['lq'], item['gt']
         assert lq.shape[0] == gt.shape[0] == in_chans, phase
         assert gt.shape[1:] == (lq.shape[1] * scale, lq.shape[2] * scale)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 import yaml
 
 # Photographs bundled with scikit-image: real images without any download.
@@ -66,3 +67,27 @@ def load_options(relative: str) -> dict:
 def write_options(path: Path, opt: dict) -> Path:
     path.write_text(yaml.safe_dump(opt, sort_keys=False))
     return path
+
+
+
+class TinyPerceptualLoss(torch.nn.Module):
+    """Stands in for BasicSR's ``PerceptualLoss`` in tests (that one needs ImageNet VGG weights, which cannot be
+    downloaded here): L1 between the features of a fixed random 3x3 conv; returns ``(percep, style)`` like it.
+    Registered in BasicSR's LOSS_REGISTRY by :func:`register_tiny_losses` (in the training subprocess)."""
+
+    def __init__(self, perceptual_weight: float = 1.0) -> None:
+        super().__init__()
+        self.perceptual_weight = perceptual_weight
+        self.register_buffer('weight', torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, None]:
+        features = [torch.nn.functional.conv2d(t, self.weight, padding=1) for t in (x, gt)]
+        return self.perceptual_weight * torch.nn.functional.l1_loss(*features), None
+
+
+def register_tiny_losses() -> None:
+    """Make ``type: TinyPerceptualLoss`` buildable by BasicSR (once per process)."""
+    from basicsr.utils.registry import LOSS_REGISTRY
+
+    if 'TinyPerceptualLoss' not in LOSS_REGISTRY:
+        LOSS_REGISTRY.register(TinyPerceptualLoss)

@@ -4,15 +4,19 @@ Checkpoint-compatible with the official ``basicsr/archs/mambair_arch.py`` (stric
 constructor arguments and defaults, same parameter names and shapes, same forward. Runs on any
 device (the selective scan is pure PyTorch), any input size (no padding needed), any batch size.
 
-Heads (``upsampler``):
+Heads (``upsampler``, see :mod:`.heads`, shared with MambaIRv2):
     ``'pixelshuffle'``        classic SR: conv->64, LeakyReLU(0.01), (conv, PixelShuffle) x log2(s) or x1 (s=3), conv.
     ``'pixelshuffledirect'``  light SR: one conv to s^2 * in_chans channels and a PixelShuffle; light CAB.
+    ``'nearest+conv'``        real-world SR, x4 only: two nearest x2 + conv stages (not in the official v1 code,
+                              which has no such head; its keys and forward are those of MambaIRv2's, spec 2.2).
+                              The blocks keep the classic CAB (``is_light_sr`` is only set by pixelshuffledirect):
+                              which CAB the released MambaIR_realSR weights use is unknown, config inference
+                              reads it from the keys and refuses a light CAB with this head.
     anything else (``''``)    denoising / JPEG CAR (upscale 1): ``out = x + conv_last(features)``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -21,10 +25,13 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .arch_util import map_to_tokens, tokens_to_map
+from .heads import NUM_FEAT, Upsample, UpsampleOneStep, add_head, apply_head
 from .vss_block import VSSBlock
 
+__all__ = ['MambaIR', 'NUM_FEAT', 'RGB_MEAN', 'PatchEmbed', 'ResidualGroup', 'Upsample', 'UpsampleOneStep', 'VSSLayer',
+           'make_resi_connection']
+
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted from 3-channel inputs (not a parameter)
-NUM_FEAT = 64  # width of the classic-SR reconstruction head
 
 
 def make_resi_connection(dim: int, resi_connection: str) -> nn.Module:
@@ -37,31 +44,6 @@ def make_resi_connection(dim: int, resi_connection: str) -> nn.Module:
             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(negative_slope=0.2, inplace=True),
             nn.Conv2d(dim // 4, dim, 3, 1, 1))
     raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
-
-
-class Upsample(nn.Sequential):
-    """Classic-SR upsampler on 64 channels: (conv3x3 ->4C, PixelShuffle(2)) per factor 2, or one x3 step.
-
-    Keys ``{0, 2, 4, ...}.weight/bias``. Scale 1 gives an empty (identity) module, as officially.
-    """
-
-    def __init__(self, scale: int, num_feat: int) -> None:
-        layers: list[nn.Module] = []
-        if scale >= 1 and scale & (scale - 1) == 0:  # power of two
-            for _ in range(int(math.log2(scale))):
-                layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-        elif scale == 3:
-            layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
-        else:
-            raise ValueError(f'upscale {scale} is not supported by the pixelshuffle head: use 2^n or 3')
-        super().__init__(*layers)
-
-
-class UpsampleOneStep(nn.Sequential):
-    """Light-SR upsampler: conv3x3 C -> scale^2 * out_ch, PixelShuffle(scale) (key ``0.*``)."""
-
-    def __init__(self, scale: int, num_feat: int, num_out_ch: int) -> None:
-        super().__init__(nn.Conv2d(num_feat, scale ** 2 * num_out_ch, 3, 1, 1), nn.PixelShuffle(scale))
 
 
 class PatchEmbed(nn.Module):
@@ -151,7 +133,8 @@ class MambaIR(nn.Module):
         use_checkpoint: activation checkpointing per block (memory for compute in training).
         upscale: SR factor (1 for denoising / CAR).
         img_range: inputs are scaled by this after mean subtraction (255 in the tiny CAR reference).
-        upsampler: ``'pixelshuffle'`` (classic SR), ``'pixelshuffledirect'`` (light SR) or ``''`` (DN / CAR).
+        upsampler: ``'pixelshuffle'`` (classic SR), ``'pixelshuffledirect'`` (light SR), ``'nearest+conv'``
+            (real-world SR, x4 only; not official in v1) or ``''`` (DN / CAR).
         resi_connection: ``'1conv'`` or ``'3conv'``.
         **kwargs: ignored, as officially (option files pass e.g. ``window_size``, ``num_heads``).
 
@@ -200,16 +183,7 @@ class MambaIR(nn.Module):
         self.conv_after_body = make_resi_connection(embed_dim, resi_connection)
 
         # 3. reconstruction head
-        if self.upsampler == 'pixelshuffle':
-            # LeakyReLU with the default slope 0.01 (not 0.2), as officially.
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1),
-                                                      nn.LeakyReLU(inplace=True))
-            self.upsample = Upsample(upscale, NUM_FEAT)
-            self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
-        elif self.upsampler == 'pixelshuffledirect':
-            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        add_head(self, self.upsampler, embed_dim, in_chans, upscale)
 
         self.apply(self._init_weights)
 
@@ -236,16 +210,7 @@ class MambaIR(nn.Module):
         """(B, in_chans, H, W) in [0, 1] -> (B, in_chans, upscale*H, upscale*W) (not clamped)."""
         mean = self.mean.to(x)
         x = (x - mean) * self.img_range
-        if self.upsampler == 'pixelshuffle':
-            f = self.conv_first(x)
-            f = self.conv_after_body(self.forward_features(f)) + f
-            x = self.conv_last(self.upsample(self.conv_before_upsample(f)))
-        elif self.upsampler == 'pixelshuffledirect':
-            f = self.conv_first(x)
-            f = self.conv_after_body(self.forward_features(f)) + f
-            x = self.upsample(f)
-        else:
-            # Denoising / CAR: global residual on the *normalised* input.
-            f = self.conv_first(x)
-            x = x + self.conv_last(self.conv_after_body(self.forward_features(f)) + f)
+        f = self.conv_first(x)
+        f = self.conv_after_body(self.forward_features(f)) + f
+        x = apply_head(self, self.upsampler, f, x)
         return x / self.img_range + mean

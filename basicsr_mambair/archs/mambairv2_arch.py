@@ -10,9 +10,9 @@ shifted-window attention + FFN, then :class:`~.assm.ASSM` + FFN) -> LayerNorm ->
 Inputs of any size: the image is mirror-padded to a multiple of ``window_size`` inside ``forward``
 and the output cropped back, as officially.
 
-Heads (``upsampler``): ``'pixelshuffle'`` (classic SR), ``'pixelshuffledirect'`` (light SR),
-``'nearest+conv'`` (x4 only: two nearest x2 upsamplings with convs), anything else (``''``):
-denoising / JPEG CAR, ``out = x + conv_last(features)``.
+Heads (``upsampler``, :mod:`.heads`, shared with MambaIR): ``'pixelshuffle'`` (classic SR),
+``'pixelshuffledirect'`` (light SR), ``'nearest+conv'`` (x4 only: two nearest x2 upsamplings with convs),
+anything else (``''``): denoising / JPEG CAR, ``out = x + conv_last(features)``.
 
 Routing (see :mod:`.assm`): ``routing=None`` routes with Gumbel noise in ``train()`` and
 deterministically in ``eval()``; ``'deterministic'`` / ``'gumbel'`` force one mode in both.
@@ -24,22 +24,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .arch_util import map_to_tokens, tokens_to_map
 from .assm import ASSM, check_routing
-from .mambair_arch import (
-    NUM_FEAT,
-    RGB_MEAN,
-    MambaIR,
-    PatchEmbed,
-    Upsample,
-    UpsampleOneStep,
-    make_resi_connection,
-)
+from .heads import add_head, apply_head
+from .mambair_arch import RGB_MEAN, MambaIR, PatchEmbed, make_resi_connection
 from .window_attention import (
     WindowAttention,
     relative_position_index,
@@ -307,8 +299,6 @@ class MambaIRv2(nn.Module):
         self.img_range = img_range
         self.upsampler = upsampler or ''
         self.resi_connection = resi_connection
-        if self.upsampler == 'nearest+conv' and upscale != 4:
-            raise ValueError(f"upsampler 'nearest+conv' supports only upscale 4, got {upscale}")
         # Not a buffer (not in the official state dict); see MambaIR.
         self.mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)
         # A persistent buffer: official checkpoints contain it, so strict loading needs the key.
@@ -333,23 +323,7 @@ class MambaIRv2(nn.Module):
         self.conv_after_body = make_resi_connection(embed_dim, resi_connection)
 
         # 3. reconstruction head
-        if self.upsampler == 'pixelshuffle':
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1),
-                                                      nn.LeakyReLU(inplace=True))  # slope 0.01, as officially
-            self.upsample = Upsample(upscale, NUM_FEAT)
-            self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
-        elif self.upsampler == 'pixelshuffledirect':
-            self.upsample = UpsampleOneStep(upscale, embed_dim, in_chans)
-        elif self.upsampler == 'nearest+conv':
-            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1),
-                                                      nn.LeakyReLU(inplace=True))
-            self.conv_up1 = nn.Conv2d(NUM_FEAT, NUM_FEAT, 3, 1, 1)
-            self.conv_up2 = nn.Conv2d(NUM_FEAT, NUM_FEAT, 3, 1, 1)
-            self.conv_hr = nn.Conv2d(NUM_FEAT, NUM_FEAT, 3, 1, 1)
-            self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
-            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
-        else:
-            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+        add_head(self, self.upsampler, embed_dim, in_chans, upscale)
 
         self.apply(MambaIR._init_weights)
 
@@ -411,20 +385,8 @@ class MambaIRv2(nn.Module):
                   'rpi_sa': self.relative_position_index_SA}
 
         f = self.conv_first(x)
-        if self.upsampler in ('pixelshuffle', 'pixelshuffledirect', 'nearest+conv'):
-            f = self.conv_after_body(self.forward_features(f, params)) + f
-        if self.upsampler == 'pixelshuffle':
-            x = self.conv_last(self.upsample(self.conv_before_upsample(f)))
-        elif self.upsampler == 'pixelshuffledirect':
-            x = self.upsample(f)
-        elif self.upsampler == 'nearest+conv':
-            f = self.conv_before_upsample(f)
-            f = self.lrelu(self.conv_up1(F.interpolate(f, scale_factor=2, mode='nearest')))
-            f = self.lrelu(self.conv_up2(F.interpolate(f, scale_factor=2, mode='nearest')))
-            x = self.conv_last(self.lrelu(self.conv_hr(f)))
-        else:
-            # Denoising / CAR: global residual on the *normalised* input.
-            x = x + self.conv_last(self.conv_after_body(self.forward_features(f, params)) + f)
+        f = self.conv_after_body(self.forward_features(f, params)) + f
+        x = apply_head(self, self.upsampler, f, x)
         x = x / self.img_range + mean
         return x[..., :h0 * self.upscale, :w0 * self.upscale]
 

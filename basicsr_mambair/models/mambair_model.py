@@ -10,7 +10,8 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
   ``tile_mode: official`` the official tiles explicitly. ``self_ensemble`` (x8 flips/rotations)
   and ``window_size`` (as in Restormer-style options: reflect-pad the input to a multiple of it,
   crop the output back) apply to any of them. EMA weights are used when present.
-- validation keeps every image's metric values (``per_image_results``) for result tables.
+- validation keeps every image's metric values (``per_image_results``) for result tables, and takes
+  datasets without ground truth (real photos: saved outputs, no-reference metrics such as NIQE).
 - a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
 - checkpoints load with ``weights_only=True`` and are written atomically (a run killed while
   saving never leaves a truncated file); any ``torch.optim`` optimizer can be named.
@@ -23,9 +24,11 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
 
 from __future__ import annotations
 
+import math
 import os.path as osp
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from basicsr.metrics import calculate_metric
@@ -36,21 +39,11 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from ..archs.arch_util import pad_to_multiple
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError, OptionError
+from ..options import compile_options, needs_ground_truth
 from ..tiling import forward_official_tiles, forward_self_ensemble, forward_tiled
 from ..utils.amp import MixedPrecision
 from ..utils.checkpoint import load_checked, read_state_dict, save_atomic, strip_module_prefix
-
-
-def compile_options(value) -> dict | None:
-    """``torch.compile`` keyword arguments of a ``network_g:compile`` value (None: not compiled)."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    raise ValueError(f'network_g:compile must be true, false or a mapping of torch.compile arguments, not {value!r}')
 
 
 @MODEL_REGISTRY.register()
@@ -112,9 +105,11 @@ class MambaIRModel(SRModel):
         save_atomic(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state: dict) -> None:
-        """BasicSR's resume (optimizers, schedulers) plus the fp16 loss scale."""
+        """BasicSR's resume (optimizers, schedulers) plus the fp16 loss scale (where this model trains with AMP:
+        subclasses with their own training step, e.g. the Real-ESRGAN ones, have none)."""
         super().resume_training(resume_state)
-        self.amp.load_state_dict(resume_state.get('amp_scaler'))
+        if hasattr(self, 'amp'):
+            self.amp.load_state_dict(resume_state.get('amp_scaler'))
 
     # ----------------------------------------------------------------- training
     def init_training_settings(self) -> None:
@@ -224,7 +219,12 @@ class MambaIRModel(SRModel):
         self.output = self.restore(self.lq)
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img: bool) -> None:
-        """BasicSR's validation loop, also keeping each image's metric values in ``per_image_results``."""
+        """BasicSR's validation loop, also keeping each image's metric values in ``per_image_results``.
+
+        Datasets without ground truth (``SingleImageDataset``: real photos) are fine: their outputs are saved
+        and scored with the no-reference metrics only (e.g. ``calculate_niqe``); a metric that needs ground
+        truth raises :class:`OptionError` naming it.
+        """
         dataset_name = dataloader.dataset.opt['name']
         val_opt = self.opt['val']
         metrics_opt = val_opt.get('metrics') or {}
@@ -234,6 +234,7 @@ class MambaIRModel(SRModel):
         pbar = tqdm(total=len(dataloader.dataset), unit='image', desc=f'Test {dataset_name}',
                     disable=not val_opt.get('pbar', not self.is_train))
         for data in dataloader:
+            self._drop_batch()  # a training batch's gt must not stand in for a dataset without one
             self.feed_data(data)
             self.test()
             for i, lq_path in enumerate(data['lq_path']):
@@ -241,25 +242,45 @@ class MambaIRModel(SRModel):
                 sr_img = tensor2img([self.output[i].detach().cpu()])
                 if save_img:
                     imwrite(sr_img, self._visualization_path(dataset_name, img_name, current_iter))
+                gt_img = tensor2img([self.gt[i].detach().cpu()]) if hasattr(self, 'gt') else None
                 values = {}
-                if metrics_opt and hasattr(self, 'gt'):
-                    metric_data = dict(img=sr_img, img2=tensor2img([self.gt[i].detach().cpu()]))
-                    values = {name: float(calculate_metric(metric_data, opt_)) for name, opt_ in metrics_opt.items()}
+                for name, opt_ in metrics_opt.items():
+                    value = self._metric(name, opt_, sr_img, gt_img, dataset_name)
+                    if math.isfinite(value):
+                        values[name] = value
+                    else:  # e.g. NIQE of an image too small for its 96-pixel blocks, PSNR of identical images
+                        get_root_logger().warning(f'{name} of {img_name} ({dataset_name}) is {value}: left out')
                 rows.append((img_name, values))
                 pbar.update(1)
-            for attr in ('lq', 'gt', 'output'):
-                if hasattr(self, attr):
-                    delattr(self, attr)
+            self._drop_batch()
         pbar.close()
 
         if not hasattr(self, 'per_image_results'):
             self.per_image_results = {}
         self.per_image_results[dataset_name] = rows
         if metrics_opt:
-            self.metric_results = {m: sum(v[m] for _, v in rows) / max(len(rows), 1) for m in metrics_opt}
+            finite = {m: [v[m] for _, v in rows if m in v] for m in metrics_opt}
+            self.metric_results = {m: sum(found) / len(found) for m, found in finite.items() if found}
             for metric, value in self.metric_results.items():
                 self._update_best_metric_result(dataset_name, metric, value, current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+
+    def _drop_batch(self) -> None:
+        for attr in ('lq', 'gt', 'output'):
+            if hasattr(self, attr):
+                delattr(self, attr)
+
+    @staticmethod
+    def _metric(name: str, metric_opt: dict, img: np.ndarray, gt: np.ndarray | None, dataset_name: str) -> float:
+        """``val:metrics:<name>`` of the output ``img`` (HWC BGR uint8): against ``gt`` for full-reference
+        metrics (those taking ``img2``, e.g. PSNR), on ``img`` alone for no-reference ones (e.g. NIQE)."""
+        if not needs_ground_truth(metric_opt['type']):
+            return float(calculate_metric(dict(img=img), metric_opt))
+        if gt is None:
+            raise OptionError(f"val:metrics:{name} ({metric_opt['type']}) compares with ground truth, but dataset "
+                              f"'{dataset_name}' has none (no dataroot_gt): remove it, or use a no-reference "
+                              'metric such as calculate_niqe')
+        return float(calculate_metric(dict(img=img, img2=gt), metric_opt))
 
     def _visualization_path(self, dataset_name: str, img_name: str, current_iter) -> str:
         vis = self.opt['path']['visualization']

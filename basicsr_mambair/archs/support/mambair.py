@@ -1,4 +1,4 @@
-"""Support for ``MambaIR`` (v1: classic / light SR, colour denoising, JPEG CAR; spec section 1)."""
+"""Support for ``MambaIR`` (v1: classic / light / real-world SR, colour denoising, JPEG CAR; spec section 1)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError
-from ..mambair_arch import NUM_FEAT
+from ..heads import NUM_FEAT, SR_UPSAMPLERS
 from .base import ArchFamily, ArchInfo, block_indices, count, expansion_ratio, shape
 
 # Peak activation memory of one eval/no_grad forward, per LQ pixel, float32, measured on the CPU with
@@ -57,8 +57,15 @@ def infer_resi_connection(sd: Mapping[str, torch.Tensor]) -> str:
 
 def infer_head(sd: Mapping[str, torch.Tensor], in_chans: int) -> tuple[str, int]:
     """(upsampler, upscale) of the SwinIR-style reconstruction head MambaIR and MambaIRv2 share:
-    ``'pixelshuffle'`` (2^n or 3), ``'pixelshuffledirect'`` or ``''`` (denoising / CAR, upscale 1)."""
+    ``'pixelshuffle'`` (2^n or 3), ``'pixelshuffledirect'``, ``'nearest+conv'`` (real-world SR, x4) or ``''``
+    (denoising / CAR, upscale 1)."""
     upsample_convs = sorted(int(m.group(1)) for k in sd if (m := re.match(r'^upsample\.(\d+)\.weight$', k)))
+    if 'conv_up1.weight' in sd:
+        for key in ('conv_before_upsample.0', 'conv_up1', 'conv_up2', 'conv_hr', 'conv_last'):
+            shape(sd, key + '.weight')  # a missing one is named
+        if upsample_convs:
+            raise CheckpointError('both a nearest+conv head (conv_up1) and upsample.* convs: not one head')
+        return 'nearest+conv', 4
     if 'conv_before_upsample.0.weight' in sd:
         outs = [shape(sd, f'upsample.{i}.weight')[0] for i in upsample_convs]
         num_feat = shape(sd, 'conv_before_upsample.0.weight')[0]
@@ -123,12 +130,14 @@ def infer(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def describe(kwargs: Mapping[str, Any]) -> ArchInfo:
     """MambaIR's memory estimate: ``120 * int(mlp_ratio * embed_dim)`` bytes per LQ pixel plus the HR head
-    (pixelshuffle: 64 features, twice, per HR pixel; pixelshuffledirect: the output channels, twice)."""
+    (pixelshuffle and nearest+conv: 64 features, twice, per HR pixel; pixelshuffledirect: the output channels,
+    twice)."""
     upsampler = kwargs.get('upsampler') or ''
-    scale = int(kwargs.get('upscale', 2)) if upsampler in ('pixelshuffle', 'pixelshuffledirect') else 1
+    scale = int(kwargs.get('upscale', 2)) if upsampler in SR_UPSAMPLERS else 1
     channels = int(kwargs.get('in_chans', 3))
     d_inner = int(float(kwargs.get('mlp_ratio', 2.0)) * int(kwargs.get('embed_dim', 96)))
-    head_channels = {'pixelshuffle': 2 * NUM_FEAT, 'pixelshuffledirect': 2 * channels}.get(upsampler, 0)
+    head_channels = {'pixelshuffle': 2 * NUM_FEAT, 'nearest+conv': 2 * NUM_FEAT,
+                     'pixelshuffledirect': 2 * channels}.get(upsampler, 0)
     return ArchInfo(arch_type='MambaIR', scale=scale, in_channels=channels, out_channels=channels,
                     purpose='SR' if scale > 1 else 'Restoration',
                     bytes_per_pixel=BYTES_PER_INNER_CHANNEL * d_inner + 4 * scale ** 2 * head_channels)

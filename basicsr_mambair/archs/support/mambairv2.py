@@ -142,10 +142,7 @@ def infer_as(arch_type: str, sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if buffer in sd and shape(sd, buffer) != (window_size ** 2,) * 2:
         raise CheckpointError(f'{buffer} has shape {shape(sd, buffer)}, but the attention tables say window_size '
                               f'{window_size}, i.e. {(window_size ** 2,) * 2}')
-    if 'conv_up1.weight' in sd:  # the nearest+conv head (real-world SR), x4 only
-        upsampler, upscale = 'nearest+conv', 4
-    else:
-        upsampler, upscale = infer_head(sd, in_chans)
+    upsampler, upscale = infer_head(sd, in_chans)
     config = {
         'in_chans': in_chans, 'embed_dim': embed_dim, 'depths': depths, 'num_heads': num_heads,
         'window_size': window_size, 'inner_rank': first['inner_rank'], 'num_tokens': first['num_tokens'],
