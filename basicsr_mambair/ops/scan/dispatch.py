@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import chunked, compiled, cuda, triton
-from .common import ScanOut, compute_dtype
+from .common import ScanOut, compute_dtype, needs_graph
 from .reference import selective_scan_reference
 
 __all__ = ['BACKENDS', 'ENV_VAR', 'ScanCall', 'get_backend', 'observe', 'reset', 'resolve_backend', 'run',
@@ -167,13 +167,14 @@ _IMPLEMENTATIONS = {'cuda': cuda.scan, 'triton': triton.scan, 'compiled': compil
 def run(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
         delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool, backend: str | None) -> ScanOut:
     """The eager scan: the resolved backend's implementation (what :func:`selective_scan` runs outside
-    ``torch.compile``, and the custom op at run time). Meta tensors get outputs of the right shapes and dtypes
-    (counting a network's operations on the meta device needs no backend)."""
+    ``torch.compile``, and the custom op at run time). Meta tensors outside autograd get outputs of the right
+    shapes and dtypes at once (counting a network's operations on the meta device); with autograd the ``torch``
+    backend, which is device-agnostic, runs on them as on any device."""
     if _observers:
         call = ScanCall(*u.shape, A.shape[1], D is not None, z is not None)
         for callback in _observers:
             callback(call)
-    if u.device.type == 'meta':
+    if u.device.type == 'meta' and not needs_graph(u, delta, A, B, C, D, z, delta_bias):
         y = torch.empty_like(u, memory_format=torch.contiguous_format)
         return (y, u.new_empty(u.shape[:2] + A.shape[1:], dtype=compute_dtype(u.dtype))) if return_last_state else y
     impl = _IMPLEMENTATIONS[resolve_backend(backend, u.device)]
