@@ -31,11 +31,14 @@ setup(
         'tqdm',
         'numpy',
         'scipy',
+        'safetensors',  # small; .safetensors checkpoints are read wherever .pth ones are
     ],
     extras_require={
         # The official CUDA selective-scan kernel; needs a CUDA toolchain (see README).
         'cuda': ['mamba-ssm>=1.0.1', 'causal-conv1d>=1.0.0'],
-        'test': ['pytest>=7', 'ruff'],
+        'test': ['pytest>=7', 'ruff', 'spandrel>=0.4'],
+        # basicsr_mambair.spandrel: the archs in spandrel / chaiNNer (see README)
+        'spandrel': ['spandrel>=0.4'],
         'bench': ['mambapy'],
         # mambair-export / basicsr_mambair.deploy; onnxscript only for torch's dynamo exporter (--exporter dynamo,
         # and 'auto' once torch drops the TorchScript exporter)
@@ -48,6 +51,8 @@ setup(
             'mambair-demo=basicsr_mambair.cli.demo:main',
             'mambair-restore=basicsr_mambair.cli.restore:main',
             'mambair-export=basicsr_mambair.cli.export:main',
+            'mambair-convert=basicsr_mambair.cli.convert:main',
+            'mambair-profile=basicsr_mambair.cli.profile:main',
             'mambair-prepare-sidd=basicsr_mambair.cli.prepare_sidd:main',
             'mambair-extract-subimages=basicsr_mambair.cli.extract_subimages:main',
             'mambair-make-lr=basicsr_mambair.cli.make_lr:main',

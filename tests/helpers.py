@@ -45,6 +45,8 @@ CONSOLE_SCRIPTS = {
     'mambair-demo': 'basicsr_mambair.cli.demo',
     'mambair-restore': 'basicsr_mambair.cli.restore',
     'mambair-export': 'basicsr_mambair.cli.export',
+    'mambair-convert': 'basicsr_mambair.cli.convert',
+    'mambair-profile': 'basicsr_mambair.cli.profile',
     'mambair-prepare-sidd': 'basicsr_mambair.cli.prepare_sidd',
     'mambair-extract-subimages': 'basicsr_mambair.cli.extract_subimages',
     'mambair-make-lr': 'basicsr_mambair.cli.make_lr',

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders or glob patterns')
     parser.add_argument('-o', '--output', required=True, metavar='OUTDIR', help='folder for the results (created)')
     parser.add_argument('--weights', required=True, metavar='PATH',
-                        help='checkpoint: released or trained with BasicSR (params / params_ema / bare state dict)')
+                        help='checkpoint (.pth or .safetensors): released or trained with BasicSR (params / params_ema '
+                             '/ bare state dict)')
     config = parser.add_mutually_exclusive_group()
     config.add_argument('--task', metavar='NAME', help='official preset the checkpoint was trained with')
     config.add_argument('--opt', metavar='YML', help='BasicSR option file whose network_g (and scale) to build')

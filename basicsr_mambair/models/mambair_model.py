@@ -69,10 +69,11 @@ class MambaIRModel(SRModel):
     def load_network(self, net, load_path: str, strict: bool = True, param_key: str | None = 'params') -> None:
         """BasicSR's ``load_network``, safe and explicit.
 
-        Reads with ``weights_only=True`` (pickled code is refused), takes ``param_key`` (falling back to
-        ``params`` as BasicSR does, or a bare state dict), strips ``module.``. A checkpoint that does not fit
-        raises one error naming the config difference and the keys; with ``strict=False`` mismatched shapes
-        are skipped with a warning (BasicSR's convention, used to fine-tune x3/x4 from x2).
+        Reads a ``.pth`` with ``weights_only=True`` (pickled code is refused) or a ``.safetensors`` file, takes
+        ``param_key`` (falling back to ``params`` as BasicSR does, or a bare state dict), strips ``module.``.
+        A checkpoint that does not fit raises one error naming the config difference and the keys; with
+        ``strict=False`` mismatched shapes are skipped with a warning (BasicSR's convention, used to fine-tune
+        x3/x4 from x2).
         """
         logger = get_root_logger()
         net = self.get_bare_model(net)

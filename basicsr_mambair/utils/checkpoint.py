@@ -1,7 +1,8 @@
 """Reading, checked loading and atomic saving of checkpoints, with one clear error per failure.
 
-* :func:`read_state_dict` -- ``torch.load(weights_only=True)`` (never executes pickled code), picks the
-  ``params`` / ``params_ema`` entry like BasicSR, strips ``module.`` prefixes.
+* :func:`read_state_dict` -- ``torch.load(weights_only=True)`` (never executes pickled code) or a
+  ``.safetensors`` file, picks the ``params`` / ``params_ema`` entry like BasicSR, strips ``module.`` prefixes
+  (:func:`read_checkpoint`: the whole file).
 * :func:`load_checked` -- ``load_state_dict`` whose failure names the configuration difference
   (e.g. ``embed_dim: 180 in checkpoint, 60 in network options``, from the arch support modules'
   config inference) and the offending keys; with ``strict=False`` it follows BasicSR (keys of another shape
@@ -28,9 +29,10 @@ from torch import nn
 from ..archs.support import infer_config
 from ..errors import CheckpointError
 from .files import atomic_path
+from .safetensors_io import is_safetensors, load_safetensors
 
-__all__ = ['CheckpointError', 'LoadReport', 'load_checked', 'read_state_dict', 'save_atomic', 'select_state_dict',
-           'short_list', 'strip_module_prefix']
+__all__ = ['CheckpointError', 'LoadReport', 'checkpoint_entries', 'load_checked', 'read_checkpoint', 'read_state_dict',
+           'save_atomic', 'select_state_dict', 'short_list', 'strip_module_prefix']
 
 _MAX_LISTED = 5  # keys shown per category in error messages
 
@@ -83,33 +85,43 @@ def select_state_dict(obj: Any, param_key: str | None = 'params', source: str = 
     return strip_module_prefix(state_dict)
 
 
-def read_state_dict(path: str | os.PathLike, param_key: str | None = 'params',
-                    logger: logging.Logger | None = None) -> OrderedDict[str, torch.Tensor]:
-    """Read the network weights of a checkpoint file, safely.
+def checkpoint_entries(obj: Any, source: str = 'the checkpoint') -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                        list[str]]:
+    """(``{entry: state_dict}``, names of the other entries) of a loaded checkpoint.
 
-    Args:
-        path: a file written by ``torch.save``.
-        param_key: the entry holding the weights (BasicSR: ``'params'``, or ``'params_ema'`` for the EMA
-            network). Falls back to ``'params'`` when the requested key is absent (as BasicSR), and to the
-            whole file when it is itself a bare state dict. ``None`` requires a bare state dict.
-        logger: where the ``params`` fallback is reported (default: BasicSR's ``basicsr`` logger).
+    The entries are the top-level values that are state dicts (``params``, ``params_ema``, ...); a bare state
+    dict is the entry ``params`` (BasicSR's name). Other values (e.g. an iteration count) are listed, not kept.
+    """
+    if _is_tensor_mapping(obj):
+        return {'params': dict(obj)}, []
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f'{source} holds a {type(obj).__name__}, not a state dict or a dict of state dicts')
+    entries = {str(k): dict(v) for k, v in obj.items() if _is_tensor_mapping(v)}
+    if not entries:
+        raise CheckpointError(f'{source} holds no state dict (top-level entries: '
+                              f'{", ".join(repr(k) for k in list(obj)[:10]) or "none"})')
+    return entries, [str(k) for k in obj if str(k) not in entries]
 
-    Returns:
-        ``{name: tensor}`` on the CPU, without ``module.`` prefixes.
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The whole checkpoint in a file, read safely: ``torch.load(weights_only=True)`` (never executes pickled
+    code), or a ``.safetensors`` file (:mod:`.safetensors_io`: ``{entry: state_dict}`` or a bare state dict).
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: the file is corrupt/truncated/not a checkpoint, contains pickled code or objects
-            (refused: ``weights_only=True``), or holds no state dict under ``param_key``.
+        CheckpointError: the file is corrupt/truncated/not a checkpoint, or contains pickled code or objects
+            (refused: ``weights_only=True``).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
+    if is_safetensors(path):
+        return load_safetensors(path)
     try:
         with warnings.catch_warnings():
             # Harmless notice for checkpoints pickled with protocol > 2.
             warnings.filterwarnings('ignore', message='.*pickle protocol.*')
-            obj = torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _first_line(exc, prefer=('GLOBAL', 'global'))
         if 'global' not in detail.lower():  # e.g. 'Unsupported operand': garbage or a non-torch pickle
@@ -125,7 +137,27 @@ def read_state_dict(path: str | os.PathLike, param_key: str | None = 'params',
             f'cannot read checkpoint {path}: the file is truncated or corrupt, or not a PyTorch checkpoint '
             f'({type(exc).__name__}: {_first_line(exc)})') from None
 
-    return select_state_dict(obj, param_key, path, logger)
+
+def read_state_dict(path: str | os.PathLike, param_key: str | None = 'params',
+                    logger: logging.Logger | None = None) -> OrderedDict[str, torch.Tensor]:
+    """Read the network weights of a checkpoint file, safely.
+
+    Args:
+        path: a file written by ``torch.save``, or a ``.safetensors`` file (see :func:`read_checkpoint`).
+        param_key: the entry holding the weights (BasicSR: ``'params'``, or ``'params_ema'`` for the EMA
+            network). Falls back to ``'params'`` when the requested key is absent (as BasicSR), and to the
+            whole file when it is itself a bare state dict. ``None`` requires a bare state dict.
+        logger: where the ``params`` fallback is reported (default: BasicSR's ``basicsr`` logger).
+
+    Returns:
+        ``{name: tensor}`` on the CPU, without ``module.`` prefixes.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is corrupt/truncated/not a checkpoint, contains pickled code or objects
+            (refused: ``weights_only=True``), or holds no state dict under ``param_key``.
+    """
+    return select_state_dict(read_checkpoint(path), param_key, os.fspath(path), logger)
 
 
 # ----------------------------------------------------------------------------------------------------------------

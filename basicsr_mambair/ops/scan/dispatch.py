@@ -1,5 +1,7 @@
 """Choosing the scan backend: the argument, :func:`scan_backend`, ``MAMBAIR_SCAN`` or ``auto``, with one-warning
-fallbacks and one log line per backend; :func:`run` calls the chosen backend's ``scan``."""
+fallbacks and one log line per backend; :func:`run` calls the chosen backend's ``scan``. :func:`observe` shows
+every call's shapes to a callback (operation counting, :mod:`basicsr_mambair.profile`); on ``meta`` tensors
+:func:`run` only propagates shapes."""
 
 from __future__ import annotations
 
@@ -7,16 +9,19 @@ import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from . import chunked, compiled, cuda, triton
-from .common import ScanOut
+from .common import ScanOut, compute_dtype, needs_graph
 from .reference import selective_scan_reference
 
-__all__ = ['BACKENDS', 'ENV_VAR', 'get_backend', 'reset', 'resolve_backend', 'run', 'scan_backend']
+__all__ = ['BACKENDS', 'ENV_VAR', 'ScanCall', 'get_backend', 'observe', 'reset', 'resolve_backend', 'run',
+           'scan_backend']
 
 BACKENDS = ('auto', 'cuda', 'triton', 'compiled', 'torch', 'reference')
 ENV_VAR = 'MAMBAIR_SCAN'
@@ -129,6 +134,32 @@ def reset() -> None:
     triton.reset()
 
 
+@dataclass(frozen=True)
+class ScanCall:
+    """The sizes of one scan call: u is (batch, dim, length), A is (dim, state); ``skip`` / ``gate``: D / z given."""
+
+    batch: int
+    dim: int
+    length: int
+    state: int
+    skip: bool
+    gate: bool
+
+
+_observers: list[Callable[[ScanCall], None]] = []
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[ScanCall], None]) -> Iterator[None]:
+    """Call ``callback`` with the :class:`ScanCall` of every scan run inside the block (process-wide, like
+    :func:`scan_backend`; eager and compiled calls alike)."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
 _IMPLEMENTATIONS = {'cuda': cuda.scan, 'triton': triton.scan, 'compiled': compiled.scan, 'torch': chunked.scan,
                     'reference': selective_scan_reference}
 
@@ -136,6 +167,15 @@ _IMPLEMENTATIONS = {'cuda': cuda.scan, 'triton': triton.scan, 'compiled': compil
 def run(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
         delta_bias: Tensor | None, delta_softplus: bool, return_last_state: bool, backend: str | None) -> ScanOut:
     """The eager scan: the resolved backend's implementation (what :func:`selective_scan` runs outside
-    ``torch.compile``, and the custom op at run time)."""
+    ``torch.compile``, and the custom op at run time). Meta tensors outside autograd get outputs of the right
+    shapes and dtypes at once (counting a network's operations on the meta device); with autograd the ``torch``
+    backend, which is device-agnostic, runs on them as on any device."""
+    if _observers:
+        call = ScanCall(*u.shape, A.shape[1], D is not None, z is not None)
+        for callback in _observers:
+            callback(call)
+    if u.device.type == 'meta' and not needs_graph(u, delta, A, B, C, D, z, delta_bias):
+        y = torch.empty_like(u, memory_format=torch.contiguous_format)
+        return (y, u.new_empty(u.shape[:2] + A.shape[1:], dtype=compute_dtype(u.dtype))) if return_last_state else y
     impl = _IMPLEMENTATIONS[resolve_backend(backend, u.device)]
     return impl(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
