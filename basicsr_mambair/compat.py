@@ -1,13 +1,15 @@
-"""Make BasicSR importable and usable on today's torch/torchvision and on machines without a GPU.
+"""Make BasicSR importable, usable and safe on today's torch/torchvision and on machines without a GPU.
 
-BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17 and assumes CUDA in a few places of
-its training pipeline. Everything here is a small, targeted fix of one of those places; each is
-a no-op where BasicSR (e.g. its git master) already does the right thing.
+BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17, assumes CUDA in a few places of its
+training pipeline, runs code from option files (``yaml.Loader``, ``eval``/``exec`` of ``--force_yml``)
+and lets a failing log file print a traceback per line. Everything here is a small, targeted fix of
+one of those places; each is a no-op where BasicSR (e.g. its git master) already does the right thing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import os.path as osp
 import sys
@@ -153,12 +155,108 @@ def load_resume_state(opt: dict):
 
 
 
+def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, object]:
+    """BasicSR's ``parse_options`` (same command line, same derived paths) without running code from options.
+
+    BasicSR 1.4.2 reads the option file with ``yaml.Loader`` (``!!python/object/apply`` tags run), ``eval``s
+    ``--force_yml`` values starting with ``[`` and ``exec``s the keys. Here the file goes through
+    :func:`~basicsr_mambair.options.read_option_file` (safe loader, BasicSR's types) and the overrides through
+    :func:`~basicsr_mambair.options.apply_overrides` (YAML values, existing keys only), applied before the
+    derived settings below so that e.g. ``--force_yml name=...`` moves the experiment folder.
+    """
+    import argparse
+    import random
+
+    import torch
+    from basicsr.utils import set_random_seed
+    from basicsr.utils.dist_util import get_dist_info
+
+    from .options import apply_overrides, read_option_file
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument('-opt', type=str, required=True, help='Path to option YAML file.')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none', help='job launcher')
+    parser.add_argument('--auto_resume', action='store_true')
+    parser.add_argument('--debug', action='store_true')
+    parser.add_argument('--local_rank', type=int, default=0)
+    parser.add_argument('--force_yml', nargs='+', default=None, help='e.g. train:ema_decay=0.999')
+    args = parser.parse_args()
+
+    opt = apply_overrides(read_option_file(args.opt), args.force_yml)
+    opt['dist'] = args.launcher != 'none'
+    if not opt['dist']:
+        print('Disable distributed.', flush=True)
+    elif args.launcher == 'slurm' and 'dist_params' in opt:
+        init_dist(args.launcher, **opt['dist_params'])
+    else:
+        init_dist(args.launcher)
+    opt['rank'], opt['world_size'] = get_dist_info()
+
+    if opt.get('manual_seed') is None:
+        opt['manual_seed'] = random.randint(1, 10000)
+    set_random_seed(opt['manual_seed'] + opt['rank'])
+    opt['auto_resume'] = args.auto_resume
+    opt['is_train'] = is_train
+    if args.debug and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+    if opt['num_gpu'] == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]  # val_1, test_2, ...
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            if dataset.get(key) is not None:
+                dataset[key] = osp.expanduser(dataset[key])
+    for key, val in opt['path'].items():
+        if val is not None and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = osp.expanduser(val)
+
+    root = osp.join(root_path, 'experiments' if is_train else 'results', opt['name'])
+    if is_train:
+        opt['path'].update(experiments_root=root, models=osp.join(root, 'models'), log=root,
+                           training_states=osp.join(root, 'training_states'),
+                           visualization=osp.join(root, 'visualization'))
+        if 'debug' in opt['name']:
+            if 'val' in opt:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
+    return opt, args
+
+
+def _stop_logging_to(handler: logging.FileHandler, logger: logging.Logger) -> None:
+    """``handler.handleError``: on the first failed write (full disk, I/O error) say so in one line and stop
+    writing the log file, instead of printing a traceback for every later log line."""
+    exc = sys.exc_info()[1]
+    logger.removeHandler(handler)
+    prog = osp.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'basicsr'
+    reason = getattr(exc, 'strerror', None) or exc
+    print(f'{prog}: warning: cannot write the log file {handler.baseFilename}: {reason}; it is not written any '
+          'more (the console still is)', file=sys.stderr, flush=True)
+
+
+def get_root_logger(logger_name: str = 'basicsr', log_level: int = logging.INFO, log_file: str | None = None):
+    """BasicSR's ``get_root_logger`` whose log file, once it cannot be written, is dropped with one line."""
+    from basicsr.utils.logger import get_root_logger as basicsr_get_root_logger
+
+    logger = basicsr_get_root_logger(logger_name, log_level, log_file)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler) and not getattr(handler, 'mambair_guarded', False):
+            handler.handleError = lambda record, h=handler: _stop_logging_to(h, logger)
+            handler.mambair_guarded = True
+    return logger
+
+
 _PATCHED = False
 
 
 def patch_basicsr() -> None:
     """Install the CPU-safe pieces into BasicSR's pipeline (idempotent): distributed init and DDP without
-    GPUs, and a resume that needs no GPU.
+    GPUs, a resume that needs no GPU, option parsing that never runs code, and a log file that fails once.
 
     Called by our train/test entry points, not at package import, so merely importing the
     plugin never changes BasicSR's behaviour.
@@ -173,6 +271,9 @@ def patch_basicsr() -> None:
 
     dist_util.init_dist = init_dist
     options.init_dist = init_dist
+    options.parse_options = parse_options
+    basicsr.train.parse_options = parse_options
+    basicsr.train.get_root_logger = get_root_logger
     BaseModel.model_to_device = model_to_device
     basicsr.train.load_resume_state = load_resume_state
     _PATCHED = True

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compare', action='store_true',
                         help='also write <stem>_<suffix>_compare.png: input (bicubic to the output size) | output')
     parser.add_argument('--overwrite', action='store_true', help='replace existing outputs (default: skip them)')
+    parser.add_argument('--clip', action='store_true',
+                        help='clip float images (e.g. float TIFF) to [0, 1] (default: values outside are an error)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars and no summary')
     return parser
 
@@ -110,6 +112,45 @@ def write_png(path: Path, image: np.ndarray) -> None:
     if image.dtype == np.float32:  # float inputs (e.g. float TIFF): PNG has no float, keep 16 bits
         image = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
     write_image(path, image)
+
+
+def _decodes(path: Path) -> bool:
+    """Whether an earlier result is a complete image (a truncated file must be redone, not skipped)."""
+    try:
+        read_image(path)
+    except ImageError:
+        return False
+    return True
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and make sure a file can be written in it (``OSError`` otherwise), before any image is
+    computed. A real file is tried: permission bits say nothing for root or on a read-only mount."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix='.mambair-write-test-'):
+        pass
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, innermost first (what ``mkdir(parents=True)`` makes)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: what a run made and did not use."""
+    try:
+        for folder in folders:
+            if any(folder.iterdir()):
+                return
+            folder.rmdir()
+    except OSError:
+        pass
 
 
 def side_by_side(shown_input: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -156,24 +197,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
+    outdir = Path(args.output)
+    created = missing_folders(outdir)
+    try:
+        check_writable(outdir)
+    except OSError as exc:
+        remove_empty(created)
+        error(PROG, f'cannot write to the output folder: {exc.strerror or exc}', str(outdir))
+        return EXIT_NOTHING_RAN
+
     precision = 'fp16' if args.half else 'bf16' if args.bf16 else 'fp32'
     try:
         model = load_model(args.weights, task=args.task, opt=args.opt, device=args.device, precision=precision,
                            param_key=args.param_key)
     except (MambaIRError, FileNotFoundError) as exc:
+        remove_empty(created)
         error(PROG, str(exc))
         return EXIT_NOTHING_RAN
     except Exception as exc:  # noqa: BLE001  (anything else before the first image: still one line)
+        remove_empty(created)
         error(PROG, exc)
         return EXIT_NOTHING_RAN
     suffix = args.suffix if args.suffix is not None else _default_suffix(model)
-    outdir = Path(args.output)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        error(PROG, f'cannot create the output folder: {exc.strerror or exc}', str(outdir))
-        return EXIT_NOTHING_RAN
-
     items = expand_inputs(args.inputs, outdir, suffix)
     if not args.quiet:
         print(f'{PROG}: {model.describe()}; {sum(isinstance(i, str) for i in items)} images -> {outdir}', flush=True)
@@ -190,9 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if target in written:
                 raise ImageError(f'{target.name} was already written from {written[target]} in this run', path)
             if target.exists() and not args.overwrite:
-                note(PROG, f'skipped: {target} exists (use --overwrite to replace it) ({path})')
-                skipped += 1
-                continue
+                if _decodes(target):
+                    note(PROG, f'skipped: {target} exists (use --overwrite to replace it) ({path})')
+                    skipped += 1
+                    continue
+                note(PROG, f'redoing {target.name}: the existing file does not decode (truncated?) ({path})')
             image = read_image(path)
             tiles = None
 
@@ -207,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 result, shown = restore_array(model, image, tile=tile, tile_overlap=args.tile_overlap, bgr=True,
-                                               progress=progress, with_input=args.compare)
+                                               progress=progress, with_input=args.compare, clip=args.clip)
             finally:
                 if tiles is not None:
                     tiles.close()
@@ -219,8 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImageError as exc:  # the input's own path, or the file the error names
             error(PROG, str(exc), exc.path or item)
             failed += 1
-        except OSError as exc:
-            error(PROG, f'cannot write the result: {exc.strerror or exc}', item)
+        except OSError as exc:  # full disk, I/O error: nothing was left under the result's name
+            error(PROG, f'cannot write {Path(exc.filename or "the result").name}: {exc.strerror or exc}', item)
             failed += 1
         except KeyboardInterrupt:
             bar.close()
@@ -230,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             error(PROG, exc, item)
             failed += 1
     bar.close()
+    if not done:
+        remove_empty(created)  # a run that wrote nothing leaves nothing behind
     if not args.quiet:
         print(f'{PROG}: {done} restored, {skipped} skipped, {failed} failed -> {outdir}', flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK

@@ -9,7 +9,9 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
   numbers exactly) and ``self_ensemble`` (x8 flips/rotations). EMA weights are used when present.
   ``window_size`` (as in Restormer-style options) reflect-pads the input to a multiple of it
   and crops the output back.
-- validation keeps every image's metric values (``per_image_results``) for result tables.
+- validation keeps every image's metric values (``per_image_results``) for result tables, stops with one line
+  (:class:`~basicsr_mambair.errors.ImageError`) on a NaN/Inf output instead of reporting a PSNR of a black
+  image, and writes its images atomically.
 - a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
 - checkpoints load with ``weights_only=True`` and are written atomically (a run killed while
   saving never leaves a truncated file); any ``torch.optim`` optimizer can be named.
@@ -17,6 +19,7 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
 
 from __future__ import annotations
 
+import os
 import os.path as osp
 from collections import OrderedDict
 
@@ -24,13 +27,15 @@ import torch
 import torch.distributed as dist
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from ..archs.arch_util import pad_to_multiple
 from ..errors import NonFiniteLossError
+from ..image_convert import check_finite_result
+from ..image_io import write_image
 from ..tiling import forward_official_tiles, forward_self_ensemble, forward_tiled
 from ..utils.checkpoint import load_checked, read_state_dict, save_atomic, strip_module_prefix
 
@@ -180,9 +185,12 @@ class MambaIRModel(SRModel):
             self.test()
             for i, lq_path in enumerate(data['lq_path']):
                 img_name = osp.splitext(osp.basename(lq_path))[0]
+                check_finite_result(self.output[i], lq_path)
                 sr_img = tensor2img([self.output[i].detach().cpu()])
                 if save_img:
-                    imwrite(sr_img, self._visualization_path(dataset_name, img_name, current_iter))
+                    path = self._visualization_path(dataset_name, img_name, current_iter)
+                    os.makedirs(osp.dirname(path), exist_ok=True)
+                    write_image(path, sr_img)  # atomic and verified (BasicSR's imwrite is neither)
                 values = {}
                 if metrics_opt and hasattr(self, 'gt'):
                     metric_data = dict(img=sr_img, img2=tensor2img([self.gt[i].detach().cpu()]))

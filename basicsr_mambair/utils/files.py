@@ -1,15 +1,18 @@
-"""Atomic file writes: a result appears under its final name complete, or not at all.
+"""Atomic, verified file writes: a result appears under its final name complete and checked, or not at all.
 
 A run killed or failing while writing (full disk, I/O error) leaves the previous file (or none), never a
-truncated one that a rerun would take for finished work.
+truncated one that a rerun would take for finished work. Errors are ``OSError`` naming the final path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+Verify = Callable[[Path], None]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -26,12 +29,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` to write to; on success it is fsynced and renamed to ``path``.
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:  # must not hide the error that brought us here
+        pass
 
-    On any exception the temporary file is removed and ``path`` is untouched. The temporary name starts with
-    a dot and ends with ``.tmp<pid>``, so concurrent writers never clash and listings skip it.
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, verify: Verify | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it is fsynced, checked by ``verify(tmp)``
+    (which raises ``OSError`` for a bad file) and renamed to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched; an ``OSError`` without a file
+    name (e.g. ``ENOSPC`` from ``write``) gets ``path`` as its ``filename``. The temporary name starts with a
+    dot and ends with ``.tmp<pid>``, so concurrent writers never clash and listings skip it.
     """
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
@@ -39,17 +53,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename is None or Path(exc.filename) == tmp:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`), checking the size written."""
-    with atomic_path(path) as tmp:
+def check_size(expected: int) -> Verify:
+    """A ``verify`` for :func:`atomic_path`: the file holds exactly ``expected`` bytes."""
+
+    def verify(tmp: Path) -> None:
+        size = tmp.stat().st_size
+        if size != expected:
+            raise OSError(errno.EIO, f'short write ({size} of {expected} bytes reached the disk)')
+
+    return verify
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, verify: Verify | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`), checking the size written and, when
+    given, ``verify(tmp)`` (e.g. that an image decodes back)."""
+    size = check_size(len(data))
+
+    def check(tmp: Path) -> None:
+        size(tmp)
+        if verify is not None:
+            verify(tmp)
+
+    with atomic_path(path, check) as tmp:
         with open(tmp, 'wb') as f:
             f.write(data)
-        if tmp.stat().st_size != len(data):
-            raise OSError(f'short write: {tmp.stat().st_size} of {len(data)} bytes of {Path(path).name}')
