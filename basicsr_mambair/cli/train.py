@@ -9,6 +9,7 @@ one readable error line instead of a traceback wall (the traceback goes to the r
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -76,7 +77,14 @@ def _log_file() -> str | None:
     return None
 
 
-def _one_line(e: BaseException) -> str:
+DISK_ERRORS = (errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS)
+
+
+def _one_line(e: BaseException, is_train: bool = False) -> str:
+    if isinstance(e, OSError) and e.errno in DISK_ERRORS:  # written atomically: nothing half-written remains
+        what = e.filename or 'a file'
+        return (f'cannot write {what}: {e.strerror}; the run stopped' +
+                ('; its last complete checkpoint stays the resume point (--auto_resume)' if is_train else ''))
     msg = ' '.join(str(e).split()) or type(e).__name__
     if isinstance(e, KeyError) and 'registry' in msg:  # BasicSR's "No object named X found in Y registry!"
         return msg.strip('"\'')
@@ -101,7 +109,7 @@ class RunFolders:
         self.folders = [cwd / ('experiments' if is_train else 'results') / name]
         if is_train and (opt.get('logger') or {}).get('use_tb_logger') and 'debug' not in name:
             self.folders.append(cwd / 'tb_logger' / name)
-        self.existed = {f: f.exists() for f in self.folders}
+        self.existed = {f: f.exists() for f in self.folders + [f.parent for f in self.folders]}
         self.archives = {f: set(self._archives(f)) for f in self.folders}
 
     @staticmethod
@@ -129,6 +137,8 @@ class RunFolders:
             new_archives = sorted(set(self._archives(folder)) - self.archives[folder])
             if len(new_archives) == 1 and not folder.exists():
                 new_archives[0].rename(folder)  # BasicSR moved the previous run aside: put it back
+            if not self.existed[folder.parent] and folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                folder.parent.rmdir()  # ./experiments, ./results or ./tb_logger made by this run
         return keep_log
 
 
@@ -189,7 +199,7 @@ def run(pipeline: Callable[[str], None], is_train: bool, argv: Sequence[str] | N
         if os.environ.get('MAMBAIR_TRACEBACK'):
             traceback.print_exc()
         where = f' (traceback in {log_file})' if log_file else ' (set MAMBAIR_TRACEBACK=1 for the traceback)'
-        error(parser.prog, _one_line(e) + ('' if isinstance(e, OptionError) else where))
+        error(parser.prog, _one_line(e, is_train) + ('' if isinstance(e, OptionError) else where))
         return EXIT_NOTHING_RAN if isinstance(e, OptionError) else EXIT_SOME_FAILED
     return EXIT_OK
 
