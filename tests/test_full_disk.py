@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -15,15 +13,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import arch_class, cli_command, cli_env
+from helpers import TINY_MAMBAIR, cli_command, mount_namespace, shell_words, tiny_checkpoint
 from tiny_experiments import make_sr_pairs, sr_train_options, write_options
 
 from basicsr_mambair.cli import make_lr
 from basicsr_mambair.cli import restore as restore_cli
 from basicsr_mambair.utils import files
 from basicsr_mambair.utils.checkpoint import save_atomic
-
-TINY = dict(upscale=2, in_chans=3, embed_dim=30, depths=[1], d_state=4, mlp_ratio=1.0, upsampler='pixelshuffledirect')
 
 
 class _HalfThenFull:
@@ -64,10 +60,7 @@ def hidden_files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope='module')
 def tiny_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp('weights') / 'tiny_x2.pth'
-    torch.save({'params': arch_class('MambaIR')(**TINY).state_dict()}, path)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp('weights') / 'tiny_x2.pth')
 
 
 @pytest.fixture(scope='module')
@@ -139,32 +132,9 @@ def test_checkpoint_and_data_tool_on_a_full_disk(tmp_path: Path, crops: Path, mo
 # ------------------------------------------------------------------------------------------ a real full tmpfs
 
 
-def _namespace_command() -> list[str] | None:
-    """``unshare`` arguments that give a private mount namespace where tmpfs can be mounted, or None."""
-    if shutil.which('unshare') is None:
-        return None
-    script = 'd=$(mktemp -d) && mount -t tmpfs -o size=12k tmpfs "$d"; rc=$?; umount "$d"; rmdir "$d"; exit $rc'
-    for cmd in (['unshare', '-m'], ['unshare', '-r', '-m']):
-        if subprocess.run([*cmd, 'sh', '-c', script], capture_output=True).returncode == 0:
-            return cmd
-    return None
-
-
 @pytest.fixture(scope='module')
 def in_namespace():
-    cmd = _namespace_command()
-    if cmd is None:  # a capability of the machine, not of the code: the fake-writer tests above still run
-        pytest.skip('a private mount namespace (unshare -m, as root or with user namespaces) is not available')
-
-    def run(script: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([*cmd, 'sh', '-c', script], cwd=cwd, env=cli_env(), capture_output=True, text=True,
-                              timeout=timeout)
-
-    return run
-
-
-def _shell(cmd: list[str]) -> str:
-    return ' '.join(f"'{c}'" for c in cmd)
+    return mount_namespace()
 
 
 def test_restore_on_a_real_full_tmpfs(tmp_path: Path, crops: Path, tiny_weights: Path, in_namespace) -> None:
@@ -172,7 +142,7 @@ def test_restore_on_a_real_full_tmpfs(tmp_path: Path, crops: Path, tiny_weights:
     failure is one line, and the rerun after the disk was enlarged completes the rest."""
     mnt = tmp_path / 'mnt'
     mnt.mkdir()
-    restore = _shell([*cli_command('mambair-restore'), str(crops), '-o', f'{mnt}/out', '--weights',
+    restore = shell_words([*cli_command('mambair-restore'), str(crops), '-o', f'{mnt}/out', '--weights',
                       str(tiny_weights), '--tile', '0'])
     script = textwrap.dedent(f'''\
         mount -t tmpfs -o size=12k tmpfs {mnt} || exit 99
@@ -204,11 +174,11 @@ def test_training_on_a_real_full_tmpfs_stops_cleanly_and_resumes(tmp_path: Path,
     """Training whose disk fills up at the third checkpoint: one error line (no chained traceback), the complete
     checkpoints stay, and ``--auto_resume`` on a larger disk continues from the last complete one."""
     hr, lr = make_sr_pairs(tmp_path / 'data', per_photo=1)
-    opt = write_options(tmp_path / 'train.yml', sr_train_options('full', hr, lr, dict(type='MambaIR', **TINY),
+    opt = write_options(tmp_path / 'train.yml', sr_train_options('full', hr, lr, dict(type='MambaIR', **TINY_MAMBAIR),
                                                                  total_iter=30, save_freq=5, val_freq=1000))
     mnt = tmp_path / 'mnt'
     mnt.mkdir()
-    train = _shell([*cli_command('mambair-train'), '-opt', str(opt)])
+    train = shell_words([*cli_command('mambair-train'), '-opt', str(opt)])
     # ~124 KB per network and ~250 KB per training state: two checkpoints fit, the third does not
     script = textwrap.dedent(f'''\
         mount -t tmpfs -o size=900k tmpfs {mnt} || exit 99

@@ -9,16 +9,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import arch_class, run_cli
+from helpers import TINY_MAMBAIR, run_cli, tiny_checkpoint
 from tiny_experiments import make_sr_pairs, sr_train_options, write_options
 
 from basicsr_mambair import compat
 from basicsr_mambair.errors import OptionError
 from basicsr_mambair.options import apply_overrides, read_option_file
 
-TINY_NETWORK = dict(type='MambaIR', upscale=2, in_chans=3, embed_dim=30, depths=[1], d_state=4, mlp_ratio=1.0,
-                    upsampler='pixelshuffledirect')
+TINY_NETWORK = dict(type='MambaIR', **TINY_MAMBAIR)
 TAG = '!!python/object/apply:os.system'
 
 
@@ -42,10 +40,7 @@ def test_yaml_tags_never_run_in_any_command(tmp_path: Path, sr_data) -> None:
     marker = tmp_path / 'PWNED'
     evil = write_options(tmp_path / 'evil.yml', sr_train_options('evil', hr, lr, TINY_NETWORK))
     evil.write_text(evil.read_text() + f'pwn: {TAG} ["touch {marker}"]\n')
-    torch.manual_seed(0)
-    weights = tmp_path / 'net.pth'
-    torch.save({'params': arch_class('MambaIR')(**{k: v for k, v in TINY_NETWORK.items() if k != 'type'})
-                .state_dict()}, weights)
+    weights = tiny_checkpoint(tmp_path / 'net.pth')
     image = next(lr.iterdir())
     runs = {'mambair-train': ['-opt', str(evil)], 'mambair-test': ['-opt', str(evil)],
             'mambair-restore': [str(image), '-o', str(tmp_path / 'out'), '--weights', str(weights), '--opt', str(evil)]}
