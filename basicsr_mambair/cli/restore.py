@@ -114,13 +114,19 @@ def write_png(path: Path, image: np.ndarray) -> None:
     write_image(path, image)
 
 
-def _decodes(path: Path) -> bool:
-    """Whether an earlier result is a complete image (a truncated file must be redone, not skipped)."""
+def _truncated_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG that does not decode: a result cut short by a full disk (before results were
+    written atomically), to be redone rather than skipped. Any other existing file is the user's: kept."""
     try:
+        with open(path, 'rb') as f:
+            if f.read(8) != b'\x89PNG\r\n\x1a\n':
+                return False
         read_image(path)
     except ImageError:
+        return True
+    except OSError:
         return False
-    return True
+    return False
 
 
 def check_writable(folder: Path) -> None:
@@ -235,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if target in written:
                 raise ImageError(f'{target.name} was already written from {written[target]} in this run', path)
             if target.exists() and not args.overwrite:
-                if _decodes(target):
+                if not _truncated_png(target):
                     note(PROG, f'skipped: {target} exists (use --overwrite to replace it) ({path})')
                     skipped += 1
                     continue
