@@ -5,6 +5,7 @@ raises ENOSPC half-way, and, where ``unshare -m`` is allowed, from a real tmpfs 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import textwrap
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from helpers import TINY_MAMBAIR, cli_command, mount_namespace, shell_words, tiny_checkpoint
 from tiny_experiments import make_sr_pairs, sr_train_options, write_options
 
+from basicsr_mambair import compat
 from basicsr_mambair.cli import make_lr
 from basicsr_mambair.cli import restore as restore_cli
 from basicsr_mambair.utils import files
@@ -207,3 +209,24 @@ def test_training_on_a_real_full_tmpfs_stops_cleanly_and_resumes(tmp_path: Path,
     log = sorted((tmp_path / 'after2' / 'full').glob('train_full_*.log'))[-1].read_text()
     assert 'Resuming training from epoch' in log and f'iter: {states[-1]}.' in log and 'End of training' in log
     assert (tmp_path / 'after2' / 'full' / 'models' / 'net_g_30.pth').is_file()
+
+
+class _FullStream:
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_log_file_on_a_full_disk_is_one_line(tmp_path: Path, capsys) -> None:
+    """BasicSR's log file handler printed a 'Logging error' traceback for every line once the disk was full."""
+    logger = compat.get_root_logger('mambair_full_disk_test', log_file=str(tmp_path / 'run.log'))
+    handler = next(h for h in logger.handlers if isinstance(h, logging.FileHandler))
+    handler.stream = _FullStream()
+    for k in range(3):
+        logger.info(f'line {k}')
+    err = capsys.readouterr().err
+    assert 'Logging error' not in err and 'Traceback' not in err, err
+    assert err.count(f'cannot write the log file {tmp_path / "run.log"}: No space left on device') == 1, err
+    assert 'line 2' in err and handler not in logger.handlers  # the console still gets every line
