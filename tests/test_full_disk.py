@@ -125,7 +125,7 @@ def test_checkpoint_and_data_tool_on_a_full_disk(tmp_path: Path, crops: Path, mo
         assert make_lr.main([str(crops), str(out), '-s', '2', '-j', '1']) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith('mambair-make-lr: error: No space left on device: ') and 'bx2.png' in line, line
-    assert not out.exists() or not any(out.rglob('*.png')), 'a failed run leaves no results'
+    assert not out.exists(), 'a failed run leaves nothing behind'
     assert not hidden_files(tmp_path)
     assert make_lr.main([str(crops), str(out), '-s', '2', '-j', '1']) == 0
     assert sorted(p.name for p in (out / 'X2').iterdir()) == ['ax2.png', 'bx2.png', 'cx2.png']

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import ToolError
 from ..image_io import write_image
+from ..utils.files import missing_folders, remove_empty
 from .common import EXIT_NOTHING_RAN, EXIT_OK, error, run_command
 
 
@@ -77,6 +78,7 @@ class StagedOutput:
 
     def open(self) -> Path:
         """Make the (empty) staging folder's place; returns it."""
+        self.made = missing_folders(self.final.parent)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # left by an earlier process of the same id: our own staging folder
             shutil.rmtree(self.path)
@@ -114,7 +116,9 @@ class StagedOutput:
             self.path.rmdir()
 
     def discard(self) -> None:
+        """Remove the staging folder, and the parents :meth:`open` made if they are empty."""
         shutil.rmtree(self.path, ignore_errors=True)
+        remove_empty(getattr(self, 'made', []))
 
 
 @contextlib.contextmanager
@@ -123,7 +127,7 @@ def staged_outputs(outputs: Sequence[StagedOutput]) -> Iterator[list[Path]]:
     try:
         yield [out.open() for out in outputs]
     except BaseException:
-        for out in outputs:
+        for out in reversed(outputs):  # the last made parents first: a shared parent is empty only then
             out.discard()
         raise
     for out in outputs:

@@ -21,6 +21,7 @@ import basicsr_mambair  # noqa: F401  (before `import basicsr`: torchvision alia
 
 from ..errors import ImageError, MambaIRError
 from ..image_io import IMAGE_EXTENSIONS, read_image, write_image
+from ..utils.files import missing_folders, remove_empty
 from .common import EXIT_INTERRUPTED, EXIT_NOTHING_RAN, EXIT_OK, EXIT_SOME_FAILED, error, note
 
 PROG = 'mambair-restore'
@@ -38,7 +39,8 @@ added to the input.
 
 Without --task/--opt the architecture is inferred from the checkpoint (arch family, embed_dim, depths,
 d_state, mlp_ratio, upsampler, upscale, channels); img_range keeps its default 1.0, as in all official
-configs. Tasks: {tasks}."""
+configs. Images whose header claims more than $MAMBAIR_MAX_PIXELS pixels (default 268 M) are refused
+before decoding. Tasks: {tasks}."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,26 +138,6 @@ def check_writable(folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix='.mambair-write-test-'):
-        pass
-
-
-def missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and its parents that do not exist yet, innermost first (what ``mkdir(parents=True)`` makes)."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (innermost first) while they are empty: what a run made and did not use."""
-    try:
-        for folder in folders:
-            if any(folder.iterdir()):
-                return
-            folder.rmdir()
-    except OSError:
         pass
 
 

@@ -89,3 +89,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, verify
     with atomic_path(path, check) as tmp:
         with open(tmp, 'wb') as f:
             f.write(data)
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, innermost first (what ``mkdir(parents=True)`` makes)."""
+    folder, missing = Path(folder), []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: what a failed run made and did not use."""
+    try:
+        for folder in folders:
+            if any(folder.iterdir()):
+                return
+            folder.rmdir()
+    except OSError:
+        pass
