@@ -29,7 +29,7 @@ from torch import nn
 from .archs.assm import ROUTING_MODES
 from .archs.support import FAMILIES, ArchInfo, describe, infer_config
 from .errors import CheckpointError, ImageError, OptionError, OutOfMemory, RestoreError
-from .image_convert import array_to_pil, finish, is_pil, pil_to_array, prepare
+from .image_convert import array_to_pil, check_finite_result, finish, is_pil, pil_to_array, prepare
 from .memory import TILE_MULTIPLE, choose_tile, is_oom
 from .options import read_option_file
 from .presets import explain_preset_mismatch, get_preset, matching_presets
@@ -252,15 +252,28 @@ def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: st
 
 
 
+def check_tiling(tile: int | str | None, tile_overlap: int, tile_batch: int) -> None:
+    """The tiling arguments of :func:`restore`, checked before any work (:class:`RestoreError` naming the bad one)."""
+    def is_int(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not (tile is None or tile == 'auto' or (is_int(tile) and tile >= 0)):
+        raise RestoreError(f"tile must be 'auto', None or 0 (the whole image) or a positive number of pixels, "
+                           f'got {tile!r}')
+    if not (is_int(tile_overlap) and tile_overlap >= 0):
+        raise RestoreError(f'tile_overlap must be a number of pixels >= 0, got {tile_overlap!r}')
+    if not (is_int(tile_batch) and tile_batch >= 1):
+        raise RestoreError(f'tile_batch must be a number of tiles >= 1, got {tile_batch!r}')
+
+
 def _forward(model: RestoreModel, lq: torch.Tensor, tile: int | str | None, overlap: int, tile_batch: int,
              progress: Callable[[int, int], None] | None) -> torch.Tensor:
-    """(1, C, H, W) float32 in [0, 1] -> (1, C', H*s, W*s) float32, whole or tiled; OOM -> :class:`OutOfMemory`."""
+    """(1, C, H, W) float32 in [0, 1] -> (1, C', H*s, W*s) float32, whole or tiled; OOM -> :class:`OutOfMemory`,
+    a non-finite result -> :class:`ImageError`."""
     h, w = lq.shape[-2:]
     if tile == 'auto':
         tile = choose_tile(model.info, model.device, h, w, overlap)
     tile = int(tile or 0)
-    if tile < 0:
-        raise ImageError(f'tile must be >= 0 (0 = whole image), got {tile}')
     try:
         if tile == 0 or tile >= max(h, w):
             out = model(lq.to(model.device))
@@ -268,7 +281,9 @@ def _forward(model: RestoreModel, lq: torch.Tensor, tile: int | str | None, over
                 progress(1, 1)
         else:
             out = forward_tiled(model, lq.to(model.device), model.scale, tile, overlap, tile_batch, progress)
-        return out.cpu()
+        out = out.cpu()
+        check_finite_result(out)
+        return out
     except Exception as exc:  # noqa: BLE001
         if not is_oom(exc):
             raise
@@ -286,13 +301,14 @@ def _forward(model: RestoreModel, lq: torch.Tensor, tile: int | str | None, over
 
 def restore_array(model: RestoreModel, image: np.ndarray, *, tile: int | str | None = 'auto',
                    tile_overlap: int = 32, tile_batch: int = 1, bgr: bool = False,
-                   progress: Callable[[int, int], None] | None = None,
-                   with_input: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                   progress: Callable[[int, int], None] | None = None, with_input: bool = False,
+                   clip: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(restored image, the input as the network saw it in the result's layout, or None) of a numpy image.
 
     What :func:`restore` does for numpy arrays, plus the input view that ``mambair-restore --compare`` shows.
     """
-    prep = prepare(image, model.in_channels, bgr)
+    check_tiling(tile, tile_overlap, tile_batch)
+    prep = prepare(image, model.in_channels, bgr, clip)
     lq = torch.from_numpy(prep.colour.transpose(2, 0, 1).copy())[None]
     out = _forward(model, lq, tile, tile_overlap, tile_batch, progress)
     result = finish(out[0].numpy().transpose(1, 2, 0), prep, model.scale)
@@ -301,7 +317,8 @@ def restore_array(model: RestoreModel, image: np.ndarray, *, tile: int | str | N
 
 
 def restore(model: RestoreModel, image: ImageLike, *, tile: int | str | None = 'auto', tile_overlap: int = 32,
-            tile_batch: int = 1, bgr: bool = False, progress: Callable[[int, int], None] | None = None) -> ImageLike:
+            tile_batch: int = 1, bgr: bool = False, progress: Callable[[int, int], None] | None = None,
+            clip: bool = False) -> ImageLike:
     """Restore one image with a model from :func:`load_model`.
 
     Args:
@@ -314,21 +331,24 @@ def restore(model: RestoreModel, image: ImageLike, *, tile: int | str | None = '
         tile_batch: tiles per network call.
         bgr: numpy colour channels are in OpenCV's BGR(A) order (the result is too).
         progress: ``progress(tiles_done, tiles_total)`` after each network call.
+        clip: clip float images to [0, 1] (by default values outside are an :class:`ImageError`).
 
     Returns:
         The restored image, ``model.scale`` times larger, of the input's type (numpy / PIL), dtype and channel
         layout (float results are float32 in [0, 1]); see :mod:`basicsr_mambair.image_convert`.
 
     Raises:
-        ImageError: unsupported image layout or dtype; :class:`OutOfMemory` (with ``suggested_tile``) when the
-            forward ran out of memory.
+        RestoreError: a bad ``tile`` / ``tile_overlap`` / ``tile_batch``.
+        ImageError: unsupported image layout or dtype, NaN/Inf pixels, float values outside [0, 1] (without
+            ``clip``), a result with NaN/Inf values (broken weights); :class:`OutOfMemory` (with
+            ``suggested_tile``) when the forward ran out of memory.
     """
     if is_pil(image):
         result, _ = restore_array(model, pil_to_array(image), tile=tile, tile_overlap=tile_overlap,
-                                   tile_batch=tile_batch, progress=progress)
+                                   tile_batch=tile_batch, progress=progress, clip=clip)
         return array_to_pil(result)
     if not isinstance(image, np.ndarray):
         raise ImageError(f'expected a numpy array or a PIL image, got {type(image).__name__}')
     result, _ = restore_array(model, image, tile=tile, tile_overlap=tile_overlap, tile_batch=tile_batch,
-                               bgr=bgr, progress=progress)
+                               bgr=bgr, progress=progress, clip=clip)
     return result

@@ -1,18 +1,20 @@
-"""Make BasicSR importable and usable on today's torch/torchvision and on machines without a GPU.
+"""Make BasicSR importable, usable and safe on today's torch/torchvision and on machines without a GPU.
 
-BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17 and assumes CUDA in a few places of
-its training pipeline (distributed init, DDP, resume, the Real-ESRGAN models); its option reading knows
-neither the official MambaIR dialect nor our checks.
-Everything here is a small, targeted fix of one of those places; each is a no-op where BasicSR
-(e.g. its git master) already does the right thing. :func:`patch_basicsr` installs them when the
-package is imported, so a plugin-style script (``import basicsr_mambair`` then BasicSR's
-``train_pipeline``, HAT's pattern) gets what ``mambair-train`` gets.
+BasicSR 1.4.2 (the PyPI release) predates torchvision 0.17, assumes CUDA in a few places of its
+training pipeline (distributed init, DDP, resume, the Real-ESRGAN models), runs code from option files
+(``yaml.Loader``, ``eval``/``exec`` of ``--force_yml``), knows neither the official MambaIR option
+dialect nor our checks, and lets a failing log file print a traceback per line. Everything here is a
+small, targeted fix of one of those places; each is a no-op where BasicSR (e.g. its git master) already
+does the right thing. :func:`patch_basicsr` installs them when the package is imported, so a
+plugin-style script (``import basicsr_mambair`` then BasicSR's ``train_pipeline``, HAT's pattern) gets
+what ``mambair-train`` gets.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import os.path as osp
 import sys
@@ -162,7 +164,11 @@ def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse
     """BasicSR's ``parse_options`` (same command line, same resulting ``opt``), reading the option file with
     :func:`basicsr_mambair.options.load_options` and checking it before anything is created.
 
-    What BasicSR's version lacks: the official MambaIR dialect (``task:``/``noise`` datasets, lists of data roots,
+    BasicSR 1.4.2 reads the option file with ``yaml.Loader`` (``!!python/object/apply`` tags run), ``eval``s
+    ``--force_yml`` values starting with ``[`` and ``exec``s the keys; here the file is read with a safe loader
+    and the overrides are parsed as YAML values (:mod:`basicsr_mambair.options`), before the derived settings
+    below, so that e.g. ``--force_yml name=...`` moves the experiment folder. What else BasicSR's version
+    lacks: the official MambaIR dialect (``task:``/``noise`` datasets, lists of data roots,
     ``ImageCleanModel``), ``num_gpu`` above the GPUs present, ``--force_yml`` for optional keys the file leaves
     out, and one clear error (naming the key) before the experiment folder exists.
     """
@@ -234,6 +240,29 @@ def parse_options(root_path: str, is_train: bool = True) -> tuple[dict, argparse
     return opt, args
 
 
+def _stop_logging_to(handler: logging.FileHandler, logger: logging.Logger) -> None:
+    """``handler.handleError``: on the first failed write (full disk, I/O error) say so in one line and stop
+    writing the log file, instead of printing a traceback for every later log line."""
+    exc = sys.exc_info()[1]
+    logger.removeHandler(handler)
+    prog = osp.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'basicsr'
+    reason = getattr(exc, 'strerror', None) or exc
+    print(f'{prog}: warning: cannot write the log file {handler.baseFilename}: {reason}; it is not written any '
+          'more (the console still is)', file=sys.stderr, flush=True)
+
+
+def get_root_logger(logger_name: str = 'basicsr', log_level: int = logging.INFO, log_file: str | None = None):
+    """BasicSR's ``get_root_logger`` whose log file, once it cannot be written, is dropped with one line."""
+    from basicsr.utils.logger import get_root_logger as basicsr_get_root_logger
+
+    logger = basicsr_get_root_logger(logger_name, log_level, log_file)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler) and not getattr(handler, 'mambair_guarded', False):
+            handler.handleError = lambda record, h=handler: _stop_logging_to(h, logger)
+            handler.mambair_guarded = True
+    return logger
+
+
 def real_esrgan_init(model_cls: type):
     """``__init__`` for BasicSR's ``RealESRNetModel`` / ``RealESRGANModel`` (``model_cls``) on any device.
 
@@ -293,7 +322,8 @@ _PATCHED = False
 def patch_basicsr() -> None:
     """Install the pieces above into BasicSR's pipeline (idempotent): option reading, distributed init and
     DDP without GPUs, a resume that needs no GPU, and Real-ESRGAN's degradation models (``RealESRNetModel``,
-    ``RealESRGANModel``) without GPUs (device of their tools and pool, the layout of their filter's input).
+    ``RealESRGANModel``) without GPUs (device of their tools and pool, the layout of their filter's input),
+    option parsing that never runs code, and a log file that fails once.
     Called when the package is imported."""
     global _PATCHED
     if _PATCHED:
@@ -311,6 +341,7 @@ def patch_basicsr() -> None:
     # BasicSR's pipelines bound the name at import: replace it where they look it up
     for module in (options, basicsr.train, basicsr.test):
         module.parse_options = parse_options
+    basicsr.train.get_root_logger = get_root_logger
     BaseModel.model_to_device = model_to_device
     basicsr.train.load_resume_state = load_resume_state
     for module, model_cls in ((realesrnet_model, realesrnet_model.RealESRNetModel),

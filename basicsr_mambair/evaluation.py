@@ -14,10 +14,10 @@ import os.path as osp
 import torch
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.models import build_model
-from basicsr.utils import get_env_info, get_root_logger, get_time_str, make_exp_dirs
+from basicsr.utils import get_env_info, get_time_str, make_exp_dirs
 from basicsr.utils.options import dict2str
 
-from .compat import parse_options
+from .compat import get_root_logger, parse_options
 from .utils.files import atomic_write_bytes
 
 # how each metric is printed: BasicSR's names -> (column title, decimals)

@@ -56,17 +56,30 @@ class Prepared:
     bgr: bool
 
 
-def _normalise(image: np.ndarray) -> tuple[np.ndarray, np.dtype]:
+def _normalise(image: np.ndarray, clip: bool) -> tuple[np.ndarray, np.dtype]:
     if image.dtype == np.uint8:
         return image.astype(np.float32) / 255.0, np.dtype(np.uint8)  # as BasicSR's img2tensor
     if image.dtype == np.uint16:
         return image.astype(np.float32) / 65535.0, np.dtype(np.uint16)
     if np.issubdtype(image.dtype, np.floating):
-        return image.astype(np.float32), np.dtype(np.float32)
+        pixels = image.astype(np.float32)
+        finite = np.isfinite(pixels)
+        if not finite.all():  # a NaN spreads over the whole result (or turns it black): never an image
+            raise ImageError(f'the image has {pixels.size - int(finite.sum())} NaN/Inf values '
+                             f'({pixels.shape[1]}x{pixels.shape[0]} float pixels)')
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < 0.0 or high > 1.0:
+            if not clip:
+                raise ImageError(f'float pixel values must lie in [0, 1], these span [{low:.4g}, {high:.4g}] '
+                                 '(scale the image, or pass clip=True / --clip to clip it)')
+            pixels = np.clip(pixels, 0.0, 1.0)
+        return pixels, np.dtype(np.float32)
     raise ImageError(f'unsupported pixel type {image.dtype} (use uint8, uint16 or float in [0, 1])')
 
 
-def prepare(image: np.ndarray, in_channels: int, bgr: bool) -> Prepared:
+def prepare(image: np.ndarray, in_channels: int, bgr: bool, clip: bool = False) -> Prepared:
+    """Split ``image`` for the network (see :class:`Prepared`); float values outside [0, 1] are an
+    :class:`ImageError` unless ``clip``, NaN/Inf always."""
     import cv2
 
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4)):
@@ -77,7 +90,7 @@ def prepare(image: np.ndarray, in_channels: int, bgr: bool) -> Prepared:
         raise ImageError(f'the network takes {in_channels}-channel inputs; only 1 (gray) and 3 (RGB) are '
                          'supported for images')
     squeeze = image.ndim == 2
-    pixels, dtype = _normalise(image if image.ndim == 3 else image[..., None])
+    pixels, dtype = _normalise(image if image.ndim == 3 else image[..., None], clip)
     channels = pixels.shape[2]
     alpha = pixels[..., -1].copy() if channels in (2, 4) else None
     colour = pixels[..., :3] if channels >= 3 else pixels[..., :1]
@@ -116,3 +129,16 @@ def finish(colour: np.ndarray, prep: Prepared, scale: int) -> np.ndarray:
     if prep.dtype == np.uint16:
         return np.round(result * 65535.0).astype(np.uint16)
     return np.ascontiguousarray(result, dtype=np.float32)
+
+
+def check_finite_result(out: Any, path: str | None = None) -> None:
+    """Refuse a network result (tensor or array) holding NaN/Inf: it would become a black or NaN image (and a
+    meaningless PSNR). Raises :class:`ImageError` naming ``path`` (the input) when given."""
+    import torch
+
+    values = out if isinstance(out, torch.Tensor) else torch.as_tensor(np.asarray(out))
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = values.numel() - int(finite.sum())
+        raise ImageError(f'the network produced {bad} NaN/Inf values of {values.numel()}: its weights are broken '
+                         '(a diverged training?) or overflow on this image; no result is kept', path)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import re
 from collections.abc import Sequence
+
+import yaml
 
 from .dialect import fit_num_gpu, translate
 from .errors import OptionError
 
 __all__ = ['OptionError', 'apply_overrides', 'check_options', 'compile_options', 'load_options',
-           'missing_vgg_weights', 'needs_ground_truth', 'read_option_file']
+           'missing_vgg_weights', 'needs_ground_truth', 'parse_value', 'parse_yaml', 'read_option_file']
 
 # Keys that --force_yml may add to a file that lacks them (section path -> keys; '*' = any dataset phase):
 # the optional options our models, datasets and BasicSR read. Anything else must exist already, so that a
@@ -35,21 +38,62 @@ OPTIONAL_KEYS: dict[tuple[str, ...], frozenset[str]] = {
 TILE_MODES = ('official', 'blend')
 
 
-def read_option_file(path: str) -> dict:
-    """Parse an option file with BasicSR's (ordered) YAML loader; clear errors for common slips."""
-    import yaml
-    from basicsr.utils.options import ordered_yaml
 
+class _OptionLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only: no tag constructs a Python object) with BasicSR's types.
+
+    BasicSR reads option files with ``yaml.Loader``, which runs ``!!python/object/apply:...`` tags. This
+    loader builds dicts (insertion-ordered, as BasicSR's ``OrderedDict``), lists, numbers, booleans and
+    ``None``; unlike YAML 1.1 it reads ``1e-3`` as a float (what option files mean by it) and leaves dates as
+    text (experiment names like ``2024-05-01`` stay strings).
+    """
+
+
+_OptionLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != 'tag:yaml.org,2002:timestamp']
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_OptionLoader.add_implicit_resolver(  # exponent without a dot or sign: 1e-3, 2E5, -5e+2
+    'tag:yaml.org,2002:float', re.compile(r'^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$'),
+    list('-+0123456789'))
+
+
+def _yaml_error(exc: yaml.YAMLError, where: str) -> OptionError:
+    """One line for a YAML problem; a tag that would construct an object is named as such."""
+    mark = getattr(exc, 'problem_mark', None)
+    at = f' (line {mark.line + 1})' if mark is not None else ''
+    if isinstance(exc, yaml.constructor.ConstructorError) and 'tag' in str(exc.problem):
+        tag = re.search(r"tag '([^']*)'", str(exc.problem))
+        tag = tag.group(1).replace('tag:yaml.org,2002:', '!!') if tag else 'a tag'
+        return OptionError(f'{where}{at}: refusing the YAML tag {tag}: option files hold plain values '
+                           '(numbers, text, lists, mappings); tags that construct Python objects are not run')
+    return OptionError(f'{where} is not valid YAML{at}: {" ".join(str(exc).split())}')
+
+
+def parse_yaml(text: str, where: str):
+    """``text`` parsed with the safe option loader; :class:`OptionError` naming ``where`` on any problem."""
+    try:
+        return yaml.load(text, Loader=_OptionLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, where) from None
+
+
+def read_option_file(path: str) -> dict:
+    """Parse an option file safely (no YAML tag runs code), keeping key order and BasicSR's value types."""
     if not osp.isfile(path):
         raise OptionError(f'option file not found: {path}')
-    with open(path) as f:
-        try:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
-        except yaml.YAMLError as e:
-            raise OptionError(f'{path} is not valid YAML: {" ".join(str(e).split())}') from None
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptionError(f'cannot read option file {path}: {exc}') from None
+    opt = parse_yaml(text, path)
     if not isinstance(opt, dict):
         raise OptionError(f'{path} does not hold a mapping of options')
     return opt
+
+
+_WORDS = {'~': None, 'none': None, 'null': None, 'true': True, 'false': False}
+_NUMBER = re.compile(r'[-+]?(?:(?P<int>[0-9]+)|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)')
 
 
 def load_options(path: str, overrides: Sequence[str] | None = None) -> dict:
@@ -76,11 +120,26 @@ def _creatable(opt: dict, parents: Sequence[str], key: str) -> bool:
     return False
 
 
+def parse_value(text: str, entry: str = ''):
+    """A ``--force_yml`` value as BasicSR means it, without its ``eval``: ``~``/``none`` -> None,
+    ``true``/``false`` -> bool, numbers (``-1``, ``2e-4`` too) -> int/float, ``[...]`` lists, ``{...}``
+    mappings and ``!!float ...`` parsed with the safe YAML loader; anything else stays text."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    number = _NUMBER.fullmatch(text)
+    if number:
+        return int(text) if number.group('int') else float(text)
+    if text.startswith(('[', '{', '!')):
+        return parse_yaml(text, f'--force_yml {entry or text}')
+    return text
+
+
 def apply_overrides(opt: dict, entries: Sequence[str] | None) -> dict:
     """Apply ``--force_yml key:sub=value`` entries: existing keys, or optional keys the file leaves out
-    (``val:tile_mode``, ``path:param_key_g``, a constructor argument of ``network_g``, ...)."""
-    from basicsr.utils.options import _postprocess_yml_value
+    (``val:tile_mode``, ``path:param_key_g``, a constructor argument of ``network_g``, ...).
 
+    Values are parsed by :func:`parse_value` (YAML, never ``eval``).
+    """
     for entry in entries or ():
         if '=' not in entry:
             raise OptionError(f"--force_yml entries look like key:sub=value, got '{entry}'")
@@ -95,7 +154,7 @@ def apply_overrides(opt: dict, entries: Sequence[str] | None) -> dict:
         if last not in node and not _creatable(opt, parents, last):
             raise OptionError(f"--force_yml {entry}: no option '{last}' to update (only options the file has or "
                               'known optional ones can be set; check the spelling)')
-        node[last] = _postprocess_yml_value(value)
+        node[last] = parse_value(value, entry)
     return opt
 
 

@@ -6,6 +6,8 @@ Imported as ``from helpers import ...`` (pytest puts this folder on sys.path); f
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +58,22 @@ CONSOLE_SCRIPTS = {
 }
 
 
+# The smallest real MambaIR (channel attention needs >= 30 channels): x2, light-SR head, 0.03 M parameters.
+TINY_MAMBAIR = dict(upscale=2, in_chans=3, embed_dim=30, depths=[1], d_state=4, mlp_ratio=1.0,
+                    upsampler='pixelshuffledirect')
+
+
+def tiny_checkpoint(path: Path, seed: int = 0, edit=None, **kwargs) -> Path:
+    """Save ``{'params': state_dict}`` of a random-weight ``MambaIR(**TINY_MAMBAIR, **kwargs)`` at ``path``;
+    ``edit(state_dict)`` may change tensors first (e.g. plant a NaN)."""
+    torch.manual_seed(seed)
+    state = arch_class('MambaIR')(**{**TINY_MAMBAIR, **kwargs}).state_dict()
+    if edit is not None:
+        edit(state)
+    torch.save({'params': state}, path)
+    return path
+
+
 def cli_command(script: str) -> list[str]:
     """The installed console script if this environment has it, else ``python -m`` its module."""
     exe = Path(sys.executable).parent / script
@@ -95,6 +113,38 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: float = 600, check: boo
         raise AssertionError(f'{script} {" ".join(args)} exited {proc.returncode}\n'
                              f'--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}')
     return proc
+
+
+def _namespace_command() -> list[str] | None:
+    """``unshare`` arguments giving a private mount namespace where a tmpfs can be mounted (root, or user
+    namespaces), or None."""
+    if shutil.which('unshare') is None:
+        return None
+    script = 'd=$(mktemp -d) && mount -t tmpfs -o size=12k tmpfs "$d"; rc=$?; umount "$d"; rmdir "$d"; exit $rc'
+    for cmd in (['unshare', '-m'], ['unshare', '-r', '-m']):
+        if subprocess.run([*cmd, 'sh', '-c', script], capture_output=True).returncode == 0:
+            return cmd
+    return None
+
+
+def mount_namespace():
+    """``run(script, cwd)``: a shell script in a private mount namespace (its tmpfs mounts, e.g. a full or
+    read-only disk, vanish with it). Skips where the machine allows no such namespace: a capability of the
+    machine, not of the code (the fake-writer tests cover the same code paths everywhere)."""
+    cmd = _namespace_command()
+    if cmd is None:
+        pytest.skip('a private mount namespace (unshare -m, as root or with user namespaces) is not available')
+
+    def run(script: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([*cmd, 'sh', '-c', script], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
+
+
+def shell_words(cmd: list[str]) -> str:
+    """``cmd`` quoted for ``sh -c``."""
+    return ' '.join(shlex.quote(c) for c in cmd)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,20 @@ import torch
 from torch import nn
 
 
+def min_channels(is_light_sr: bool = False, compress_ratio: int = 3, squeeze_factor: int = 30) -> int:
+    """The fewest channels a :class:`CAB` works with: every hidden width (``C // squeeze_factor`` of the channel
+    attention, ``C // compress_ratio`` or ``C // 2`` of the convolutions) must be at least 1."""
+    return max(squeeze_factor, 2 if is_light_sr else compress_ratio)
+
+
+def _check_width(num_feat: int, divisor: int, what: str) -> int:
+    hidden = num_feat // divisor
+    if hidden < 1:  # a zero-width layer builds, then fails on every image with a cryptic shape error
+        raise ValueError(f'{what} divides the {num_feat} channels by {divisor}: needs at least {divisor} channels '
+                         f'(raise embed_dim / dim to >= {divisor})')
+    return hidden
+
+
 class ChannelAttention(nn.Module):
     """Squeeze-and-excitation: ``x * sigmoid(W2 relu(W1 avgpool(x)))``.
 
@@ -20,7 +34,7 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, num_feat: int, squeeze_factor: int = 16) -> None:
         super().__init__()
-        hidden = num_feat // squeeze_factor
+        hidden = _check_width(num_feat, squeeze_factor, 'the channel attention')
         # Indices 0..4 are part of the checkpoint key names (attention.1 / attention.3).
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
@@ -56,7 +70,7 @@ class CAB(nn.Module):
                  squeeze_factor: int = 30) -> None:
         super().__init__()
         if is_light_sr:
-            hidden = num_feat // 2
+            hidden = _check_width(num_feat, 2, 'the light channel-attention block')
             self.cab = nn.Sequential(
                 nn.Conv2d(num_feat, hidden, 1),
                 nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden),
@@ -66,7 +80,7 @@ class CAB(nn.Module):
                 ChannelAttention(num_feat, squeeze_factor),
             )
         else:
-            hidden = num_feat // compress_ratio
+            hidden = _check_width(num_feat, compress_ratio, 'the channel-attention block')
             self.cab = nn.Sequential(
                 nn.Conv2d(num_feat, hidden, 3, padding=1),
                 nn.GELU(),

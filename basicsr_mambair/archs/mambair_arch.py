@@ -25,6 +25,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .arch_util import map_to_tokens, tokens_to_map
+from .channel_attention import min_channels
 from .heads import NUM_FEAT, Upsample, UpsampleOneStep, add_head, apply_head
 from .vss_block import VSSBlock
 
@@ -162,6 +163,9 @@ class MambaIR(nn.Module):
         self.upsampler = upsampler or ''
         self.resi_connection = resi_connection
         self.is_light_sr = self.upsampler == 'pixelshuffledirect'
+        if embed_dim < min_channels(self.is_light_sr):
+            raise ValueError(f'MambaIR needs embed_dim >= {min_channels(self.is_light_sr)} (its channel attention '
+                             f'squeezes the channels by 30), got {embed_dim}')
         # A plain attribute, not a buffer: it is not in the official state dict, and forward moves it
         # to the input's device/dtype each call (cheap: 3 numbers).
         self.mean = torch.tensor(RGB_MEAN).view(1, 3, 1, 1) if in_chans == 3 else torch.zeros(1, 1, 1, 1)

@@ -33,6 +33,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from torch import nn
 
 from .arch_util import map_to_tokens, pad_to_multiple, tokens_to_map
+from .channel_attention import min_channels
 from .vss_block import VSSBlock
 
 SIZE_MULTIPLE = 8  # 2 ** (number of downsamplings)
@@ -97,6 +98,9 @@ class MambaIRUNet(nn.Module):
                  num_blocks: Sequence[int] = (4, 6, 6, 8), mlp_ratio: float = 2.0, num_refinement_blocks: int = 4,
                  drop_path_rate: float = 0.0, bias: bool = False, dual_pixel_task: bool = False) -> None:
         super().__init__()
+        if dim < min_channels() or dim % 2:
+            raise ValueError(f'MambaIRUNet needs an even dim >= {min_channels()} (its channel attention squeezes the '
+                             f'channels by 30; the down/up-sampling halves and doubles them), got {dim}')
         self.inp_channels = inp_channels
         self.out_channels = out_channels
         self.dim = dim

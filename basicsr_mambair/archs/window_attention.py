@@ -73,6 +73,9 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, window_size: int | tuple[int, int], num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f'window attention splits {dim} channels into {num_heads} heads: embed_dim must be a '
+                             f'multiple of num_heads')
         ws = window_size if isinstance(window_size, int) else window_size[0]
         self.dim = dim
         self.window_size = ws

@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f'{exc}; nothing written')
         return EXIT_SOME_FAILED
     except FileExistsError as exc:
-        _error(f'{exc.args[0] if exc.args else exc} (use --overwrite to replace it)')
+        _error(f'{exc} (use --overwrite to replace it)')
         return EXIT_NOTHING_RAN
     except (CheckpointError, RestoreError) as exc:  # the checkpoint does not fit (or is no MambaIR network)
         _error(f'{exc} ({args.checkpoint})')

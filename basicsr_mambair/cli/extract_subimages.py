@@ -25,15 +25,18 @@ import numpy as np
 from ..errors import ToolError
 from ..image_io import list_images, read_image
 from .data_tool import (
+    StagedOutput,
     add_common_arguments,
+    check_not_input,
     parallel_map,
-    prepare_output_dir,
     run_tool,
+    staged_outputs,
     tool_parser,
     write_png,
 )
 
 PROG = 'mambair-extract-subimages'
+SUBIMAGE_NAMES = r'.+_s[0-9]{3,}\.png'  # what --overwrite may replace (and remove when stale)
 
 
 def window_starts(length: int, crop: int, step: int, thresh: int) -> list[int]:
@@ -88,10 +91,11 @@ def extract_subimages(input_dir: Path, output_dir: Path, crop_size: int = 480, s
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise ToolError(f'two input images would both write {dup}_s*.png (same name, different extension?)')
-    prepare_output_dir(output_dir, overwrite)
-    work = partial(extract_one, out_dir=output_dir, crop=crop, step=stride, thresh=thresh, scale=scale,
-                   compression=compression)
-    counts = list(parallel_map(work, paths, workers, desc='Extract'))
+    check_not_input([output_dir], [input_dir, *paths])
+    with staged_outputs([StagedOutput(output_dir, overwrite, SUBIMAGE_NAMES, remove_stale=True)]) as (staged,):
+        work = partial(extract_one, out_dir=staged, crop=crop, step=stride, thresh=thresh, scale=scale,
+                       compression=compression)
+        counts = list(parallel_map(work, paths, workers, desc='Extract'))
     return len(paths), sum(counts), counts.count(0)
 
 

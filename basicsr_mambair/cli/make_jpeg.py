@@ -21,14 +21,16 @@ import cv2
 
 from ..data.util import encode_jpeg
 from ..errors import ToolError
-from ..image_io import list_images, read_image
+from ..image_io import decodes_to_shape, list_images, read_image
 from ..utils.files import atomic_write_bytes
 from .data_tool import (
+    StagedOutput,
     add_common_arguments,
+    check_not_input,
     parallel_map,
-    prepare_output_dir,
     require_uint8,
     run_tool,
+    staged_outputs,
     tool_parser,
     write_png,
 )
@@ -37,13 +39,15 @@ PROG = 'mambair-make-jpeg'
 OFFICIAL_QUALITIES = (10, 30, 40)
 
 
-def make_one(path: Path, output: Path, qualities: Sequence[int], gray: bool, write_hq: bool) -> None:
-    """Write the JPEGs (and the clean PNG) of one image."""
+def make_one(path: Path, outputs: Sequence[Path], qualities: Sequence[int], gray: bool, write_hq: bool) -> None:
+    """Write the JPEGs of one image into ``outputs`` (one folder per quality, then the folder of the clean PNGs
+    when ``write_hq``)."""
     img = require_uint8(read_image(path, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR), path)
-    for quality in qualities:
-        atomic_write_bytes(output / 'LQ' / str(quality) / f'{path.stem}.jpg', encode_jpeg(img, quality))
+    for folder, quality in zip(outputs, qualities):
+        data = encode_jpeg(img, quality)
+        atomic_write_bytes(folder / f'{path.stem}.jpg', data, verify=decodes_to_shape(img.shape))
     if write_hq:
-        write_png(output / 'HQ' / f'{path.stem}.png', img)
+        write_png(outputs[-1] / f'{path.stem}.png', img)
 
 
 def make_jpeg(input_dir: Path, output_dir: Path, qualities: Sequence[int] = OFFICIAL_QUALITIES, gray: bool = True,
@@ -58,11 +62,13 @@ def make_jpeg(input_dir: Path, output_dir: Path, qualities: Sequence[int] = OFFI
         dup = next(s for s in stems if stems.count(s) > 1)
         raise ToolError(f'two input images share the name {dup} (different extensions)')
     folders = [output_dir / 'LQ' / str(q) for q in qualities] + ([output_dir / 'HQ'] if write_hq else [])
-    for folder in folders:
-        prepare_output_dir(folder, overwrite)
-    work = partial(make_one, output=output_dir, qualities=qualities, gray=gray, write_hq=write_hq)
-    for _ in parallel_map(work, paths, workers, desc='JPEG'):
-        pass
+    check_not_input(folders, [input_dir, *paths])
+    outputs = [StagedOutput(f, overwrite, r'.+\.jpg') for f in folders[:len(qualities)]]
+    outputs += [StagedOutput(f, overwrite, r'.+\.png') for f in folders[len(qualities):]]
+    with staged_outputs(outputs) as staged:
+        work = partial(make_one, outputs=staged, qualities=qualities, gray=gray, write_hq=write_hq)
+        for _ in parallel_map(work, paths, workers, desc='JPEG'):
+            pass
     return len(paths)
 
 

@@ -13,24 +13,30 @@ no error check and sizes the map from the first image) an unreadable image stops
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import cv2
+import lmdb
 
 from ..errors import ToolError
 from ..image_io import list_images, read_image
 from .data_tool import (
+    StagedOutput,
     add_common_arguments,
+    check_not_input,
     parallel_map,
-    remove_output,
     run_tool,
+    staged_outputs,
     tool_parser,
 )
 
 PROG = 'mambair-make-lmdb'
+LMDB_FILES = r'data\.mdb|lock\.mdb|meta_info\.txt'  # what --overwrite replaces in an existing LMDB folder
 
 
 def lmdb_key(stem: str, strip_suffix: str) -> str:
@@ -74,23 +80,39 @@ def make_lmdb(input_dir: Path, lmdb_path: Path, strip_suffix: str = '', compress
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ToolError(f'two images have the key {dup}')
-    remove_output(lmdb_path, overwrite)
-    lmdb_path.parent.mkdir(parents=True, exist_ok=True)
+    check_not_input([lmdb_path], [input_dir, *paths])
     # The map size only reserves address space; a generous bound of the raw pixel bytes is safe.
     raw = sum(p.stat().st_size for p in paths)
     map_size = max(1 << 26, 64 * raw)
-    maker = LmdbMaker(str(lmdb_path), map_size=map_size, batch=batch, compress_level=compress_level)
-    done = False
-    try:
-        work = partial(encode_one, compress_level=compress_level)
-        for key, (content, shape) in zip(keys, parallel_map(work, paths, workers, desc='LMDB')):
-            maker.put(content, key, shape)
-        done = True
-    finally:
-        maker.close()
-        if not done:  # never leave a half-written LMDB that looks complete
-            remove_output(lmdb_path, overwrite=True)
+    with staged_outputs([StagedOutput(lmdb_path, overwrite, LMDB_FILES, create=False)]) as (staged,):
+        maker = LmdbMaker(str(staged), map_size=map_size, batch=batch, compress_level=compress_level)
+        try:
+            work = partial(encode_one, compress_level=compress_level)
+            for key, (content, shape) in zip(keys, parallel_map(work, paths, workers, desc='LMDB')):
+                maker.put(content, key, shape)
+            maker.close()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                maker.close()
+            if isinstance(exc, lmdb.Error):  # e.g. a full disk at a commit
+                raise OSError(errno.EIO, f'cannot write the LMDB: {exc}', str(lmdb_path)) from None
+            raise
+        check_lmdb(staged, keys, lmdb_path)
     return len(paths)
+
+
+def check_lmdb(path: Path, keys: Sequence[str], name: Path) -> None:
+    """The written LMDB holds every key with a non-empty value and a meta_info line per key (else ``OSError``)."""
+    meta = (path / 'meta_info.txt').read_text().splitlines()
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            missing = [k for k in keys if not txn.get(k.encode('ascii'))]
+    finally:
+        env.close()
+    if missing or len(meta) != len(keys):
+        raise OSError(errno.EIO, f'the written LMDB is incomplete ({len(missing)} images missing, {len(meta)} '
+                      f'meta_info lines for {len(keys)} images)', str(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remove this ending from file names to form keys, e.g. 'x2' for LR files")
     parser.add_argument('--compress-level', type=int, default=1, help='PNG compression 0-9 (default 1, as BasicSR)')
     parser.add_argument('--batch', type=int, default=5000, help='images per LMDB transaction (default 5000)')
-    add_common_arguments(parser, overwrite_help='delete an existing LMDB of that name first')
+    add_common_arguments(parser, overwrite_help='replace an existing LMDB of that name once the new one is complete '
+                         '(other files in its folder are kept)')
     return parser
 
 

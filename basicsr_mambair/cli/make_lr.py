@@ -29,11 +29,13 @@ from ..errors import ToolError
 from ..image_io import list_images, read_image
 from ..utils.matlab_resize import imresize_matlab
 from .data_tool import (
+    StagedOutput,
     add_common_arguments,
+    check_not_input,
     parallel_map,
-    prepare_output_dir,
     require_uint8,
     run_tool,
+    staged_outputs,
     tool_parser,
     write_png,
 )
@@ -45,9 +47,10 @@ def lr_file_name(stem: str, scale: int, suffix: bool) -> str:
     return f'{stem}x{scale}.png' if suffix else f'{stem}.png'
 
 
-def make_one(path: Path, output: Path, scales: Sequence[int], suffix: bool, per_pass_uint8: bool,
+def make_one(path: Path, outputs: Sequence[Path], scales: Sequence[int], suffix: bool, per_pass_uint8: bool,
              hr_out: Path | None) -> None:
-    """Write the LR versions of one image (and its mod-cropped HR)."""
+    """Write the LR versions of one image into ``outputs`` (one folder per scale), its mod-cropped HR into
+    ``hr_out``."""
     from basicsr.data.transforms import mod_crop
 
     img = require_uint8(read_image(path, cv2.IMREAD_UNCHANGED), path)
@@ -56,7 +59,7 @@ def make_one(path: Path, output: Path, scales: Sequence[int], suffix: bool, per_
             lr = imresize_matlab(img, scale, per_pass_uint8)
         except ValueError as e:
             raise ToolError(f'{path}: {e}') from None
-        write_png(output / f'X{scale}' / lr_file_name(path.stem, scale, suffix), lr)
+        write_png(outputs[scales.index(scale)] / lr_file_name(path.stem, scale, suffix), lr)
     if hr_out is not None:
         write_png(hr_out / f'{path.stem}.png', mod_crop(img, scales[0]))
 
@@ -75,12 +78,17 @@ def make_lr(input_dir: Path, output_dir: Path, scales: Sequence[int], suffix: bo
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise ToolError(f'two input images share the name {dup} (different extensions)')
-    for folder in [output_dir / f'X{s}' for s in scales] + ([hr_out] if hr_out is not None else []):
-        prepare_output_dir(folder, overwrite)
-    work = partial(make_one, output=output_dir, scales=scales, suffix=suffix, per_pass_uint8=per_pass_uint8,
-                   hr_out=hr_out)
-    for _ in parallel_map(work, paths, workers, desc='Bicubic LR'):
-        pass
+    lr_dirs = [output_dir / f'X{s}' for s in scales]
+    check_not_input([*lr_dirs, *([hr_out] if hr_out is not None else [])], [input_dir, *paths])
+    outputs = [StagedOutput(folder, overwrite, rf'.+x{s}\.png' if suffix else r'.+\.png')
+               for folder, s in zip(lr_dirs, scales)]
+    if hr_out is not None:
+        outputs.append(StagedOutput(hr_out, overwrite, r'.+\.png'))
+    with staged_outputs(outputs) as staged:
+        work = partial(make_one, outputs=staged[:len(scales)], scales=scales, suffix=suffix,
+                       per_pass_uint8=per_pass_uint8, hr_out=staged[-1] if hr_out is not None else None)
+        for _ in parallel_map(work, paths, workers, desc='Bicubic LR'):
+            pass
     return len(paths)
 
 

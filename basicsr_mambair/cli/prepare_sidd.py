@@ -25,10 +25,12 @@ from tqdm import tqdm
 from ..errors import ToolError
 from ..image_io import is_image_file, read_image
 from .data_tool import (
+    StagedOutput,
     add_common_arguments,
+    check_not_input,
     parallel_map,
-    remove_output,
     run_tool,
+    staged_outputs,
     tool_parser,
     write_png,
 )
@@ -37,6 +39,8 @@ from .make_lmdb import make_lmdb
 PROG = 'mambair-prepare-sidd'
 
 NOISY_TAG, GT_TAG = '_NOISY_', '_GT_'
+PATCH_NAMES = r'.+_[0-9]{3,}\.png'  # <id>_SRGB_<k>_<patch>.png: what --overwrite replaces (and removes when stale)
+BLOCK_NAMES = r'[0-9]{4}_[0-9]{2}\.png'  # <image>_<block>.png of the validation pairs
 MAT_KEYS = ('ValidationNoisyBlocksSrgb', 'ValidationGtBlocksSrgb')
 
 
@@ -65,8 +69,8 @@ def find_pairs(root: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def crop_pair(pair: tuple[Path, Path], out: Path, patch: int, overlap: int) -> int:
-    """Write the patches of one pair; returns how many."""
+def crop_pair(pair: tuple[Path, Path], outs: tuple[Path, Path], patch: int, overlap: int) -> int:
+    """Write the patches of one pair into ``outs`` (noisy, clean folders); returns how many."""
     noisy_path, clean_path = pair
     noisy, clean = read_image(noisy_path, cv2.IMREAD_UNCHANGED), read_image(clean_path, cv2.IMREAD_UNCHANGED)
     if noisy.shape != clean.shape:
@@ -77,16 +81,9 @@ def crop_pair(pair: tuple[Path, Path], out: Path, patch: int, overlap: int) -> i
         for left in patch_starts(noisy.shape[1], patch, overlap):
             count += 1
             name = f'{stem}_{count:03d}.png'
-            write_png(out / 'input_crops' / name, noisy[top:top + patch, left:left + patch])
-            write_png(out / 'target_crops' / name, clean[top:top + patch, left:left + patch])
+            write_png(outs[0] / name, noisy[top:top + patch, left:left + patch])
+            write_png(outs[1] / name, clean[top:top + patch, left:left + patch])
     return count
-
-
-def _fresh_output(path: Path, overwrite: bool) -> None:
-    """An empty ``path``: a non-empty one is refused, or with ``overwrite`` removed (stale patches must go)."""
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        remove_output(path, overwrite)
-    path.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_train(src: Path, out: Path, patch: int = 512, overlap: int = 128, workers: int = 1,
@@ -95,13 +92,19 @@ def prepare_train(src: Path, out: Path, patch: int = 512, overlap: int = 128, wo
     if not 0 <= overlap < patch:
         raise ToolError(f'--overlap must be in [0, patch size), got {overlap}')
     pairs = find_pairs(src)
-    _fresh_output(out, overwrite)
-    for sub in ('input_crops', 'target_crops'):
-        (out / sub).mkdir()
-    work = partial(crop_pair, out=out, patch=patch, overlap=overlap)
-    total = sum(parallel_map(work, pairs, workers, desc='SIDD patches'))
+    subs = ('input_crops', 'target_crops')
+    folders = [out / sub for sub in subs] + ([out / f'{sub}.lmdb' for sub in subs] if lmdb else [])
+    check_not_input([out, *folders], [src, *(p for pair in pairs for p in pair)])
+    if lmdb and not overwrite:  # refuse before cropping, not after
+        for folder in folders[2:]:
+            if folder.exists():
+                raise ToolError(f'output {folder} already exists (use --overwrite to replace it)')
+    staged = [StagedOutput(out / sub, overwrite, PATCH_NAMES, remove_stale=True) for sub in subs]
+    with staged_outputs(staged) as (noisy_dir, clean_dir):
+        work = partial(crop_pair, outs=(noisy_dir, clean_dir), patch=patch, overlap=overlap)
+        total = sum(parallel_map(work, pairs, workers, desc='SIDD patches'))
     if lmdb:
-        for sub in ('input_crops', 'target_crops'):
+        for sub in subs:
             make_lmdb(out / sub, out / f'{sub}.lmdb', workers=workers, overwrite=overwrite)
     return total
 
@@ -110,9 +113,10 @@ def prepare_val(src: Path, out: Path, overwrite: bool = False) -> int:
     """Turn the two official validation ``.mat`` files in ``src`` into PNG pairs; returns the pair count."""
     from scipy.io import loadmat
 
+    mats = [src / f'{key}.mat' for key in MAT_KEYS]
+    check_not_input([out, out / 'input', out / 'target'], [src, *mats])
     blocks = []
-    for key in MAT_KEYS:
-        path = src / f'{key}.mat'
+    for key, path in zip(MAT_KEYS, mats):
         if not path.is_file():
             raise ToolError(f'{path} not found (download the SIDD validation blocks, see datasets/README.md)')
         try:
@@ -129,15 +133,14 @@ def prepare_val(src: Path, out: Path, overwrite: bool = False) -> int:
     noisy, clean = blocks
     if noisy.shape != clean.shape:
         raise ToolError(f'noisy and clean blocks differ in shape: {noisy.shape} vs {clean.shape}')
-    _fresh_output(out, overwrite)
-    for sub in ('input', 'target'):
-        (out / sub).mkdir()
+    staged = [StagedOutput(out / sub, overwrite, BLOCK_NAMES, remove_stale=True) for sub in ('input', 'target')]
     n_img, n_blk = noisy.shape[:2]
-    for i in tqdm(range(n_img), unit='image', desc='SIDD validation'):
-        for j in range(n_blk):
-            name = f'{i:04d}_{j:02d}.png'
-            write_png(out / 'input' / name, cv2.cvtColor(noisy[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
-            write_png(out / 'target' / name, cv2.cvtColor(clean[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
+    with staged_outputs(staged) as (noisy_dir, clean_dir):
+        for i in tqdm(range(n_img), unit='image', desc='SIDD validation'):
+            for j in range(n_blk):
+                name = f'{i:04d}_{j:02d}.png'
+                write_png(noisy_dir / name, cv2.cvtColor(noisy[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
+                write_png(clean_dir / name, cv2.cvtColor(clean[i, j].astype(np.uint8), cv2.COLOR_RGB2BGR))
     return n_img * n_blk
 
 
@@ -151,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--patch-size', type=int, default=512, help='patch side in pixels (default 512)')
     train.add_argument('--overlap', type=int, default=128, help='overlap of neighbouring patches (default 128)')
     train.add_argument('--lmdb', action='store_true', help='also write input_crops.lmdb / target_crops.lmdb')
-    add_common_arguments(train, overwrite_help='replace a non-empty output folder')
+    add_common_arguments(train, overwrite_help='replace the patches (and LMDBs) of an earlier run once the new ones '
+                         'are complete (other files are kept)')
     val = sub.add_parser('val', help='convert the validation .mat blocks into PNG pairs')
     val.add_argument('input', type=Path,
                      help='folder with ValidationNoisyBlocksSrgb.mat and ValidationGtBlocksSrgb.mat')
     val.add_argument('output', type=Path, help='folder for input/ and target/')
-    val.add_argument('--overwrite', action='store_true', help='replace a non-empty output folder')
+    val.add_argument('--overwrite', action='store_true',
+                     help='replace the pairs of an earlier run once the new ones are complete (other files are kept)')
     return parser
 
 

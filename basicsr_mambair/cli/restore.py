@@ -22,6 +22,7 @@ import basicsr_mambair  # noqa: F401  (before `import basicsr`: torchvision alia
 from ..archs.assm import ROUTING_MODES
 from ..errors import ImageError, MambaIRError
 from ..image_io import IMAGE_EXTENSIONS, read_image, write_image
+from ..utils.files import missing_folders, remove_empty
 from .common import EXIT_INTERRUPTED, EXIT_NOTHING_RAN, EXIT_OK, EXIT_SOME_FAILED, error, note
 
 PROG = 'mambair-restore'
@@ -39,7 +40,8 @@ added to the input.
 
 Without --task/--opt the architecture is inferred from the checkpoint (arch family, embed_dim, depths,
 d_state, mlp_ratio, upsampler, upscale, channels; MambaIRv2 also num_heads, window_size, inner_rank,
-num_tokens); img_range keeps its default 1.0, as in all official configs. Tasks: {tasks}.
+num_tokens); img_range keeps its default 1.0, as in all official configs. Images whose header claims
+more than $MAMBAIR_MAX_PIXELS pixels (default 268 M) are refused before decoding. Tasks: {tasks}.
 
 MambaIRv2 routes every token to a prompt class and scans the tokens sorted by class. --routing
 deterministic (the default) takes the most probable class and a stable sort: the same image always gives
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compare', action='store_true',
                         help='also write <stem>_<suffix>_compare.png: input (bicubic to the output size) | output')
     parser.add_argument('--overwrite', action='store_true', help='replace existing outputs (default: skip them)')
+    parser.add_argument('--clip', action='store_true',
+                        help='clip float images (e.g. float TIFF) to [0, 1] (default: values outside are an error)')
     parser.add_argument('--quiet', action='store_true', help='no progress bars and no summary')
     return parser
 
@@ -120,6 +124,31 @@ def write_png(path: Path, image: np.ndarray) -> None:
     if image.dtype == np.float32:  # float inputs (e.g. float TIFF): PNG has no float, keep 16 bits
         image = np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
     write_image(path, image)
+
+
+def _truncated_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG that does not decode: a result cut short by a full disk (before results were
+    written atomically), to be redone rather than skipped. Any other existing file is the user's: kept."""
+    try:
+        with open(path, 'rb') as f:
+            if f.read(8) != b'\x89PNG\r\n\x1a\n':
+                return False
+        read_image(path)
+    except ImageError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and make sure a file can be written in it (``OSError`` otherwise), before any image is
+    computed. A real file is tried: permission bits say nothing for root or on a read-only mount."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix='.mambair-write-test-'):
+        pass
 
 
 def side_by_side(shown_input: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -166,24 +195,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
+    outdir = Path(args.output)
+    created = missing_folders(outdir)
+    try:
+        check_writable(outdir)
+    except OSError as exc:
+        remove_empty(created)
+        error(PROG, f'cannot write to the output folder: {exc.strerror or exc}', str(outdir))
+        return EXIT_NOTHING_RAN
+
     precision = 'fp16' if args.half else 'bf16' if args.bf16 else 'fp32'
     try:
         model = load_model(args.weights, task=args.task, opt=args.opt, device=args.device, precision=precision,
                            param_key=args.param_key, routing=args.routing)
     except (MambaIRError, FileNotFoundError) as exc:
+        remove_empty(created)
         error(PROG, str(exc))
         return EXIT_NOTHING_RAN
     except Exception as exc:  # noqa: BLE001  (anything else before the first image: still one line)
+        remove_empty(created)
         error(PROG, exc)
         return EXIT_NOTHING_RAN
     suffix = args.suffix if args.suffix is not None else _default_suffix(model)
-    outdir = Path(args.output)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        error(PROG, f'cannot create the output folder: {exc.strerror or exc}', str(outdir))
-        return EXIT_NOTHING_RAN
-
     items = expand_inputs(args.inputs, outdir, suffix)
     if not args.quiet:
         print(f'{PROG}: {model.describe()}; {sum(isinstance(i, str) for i in items)} images -> {outdir}', flush=True)
@@ -200,9 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if target in written:
                 raise ImageError(f'{target.name} was already written from {written[target]} in this run', path)
             if target.exists() and not args.overwrite:
-                note(PROG, f'skipped: {target} exists (use --overwrite to replace it) ({path})')
-                skipped += 1
-                continue
+                if not _truncated_png(target):
+                    note(PROG, f'skipped: {target} exists (use --overwrite to replace it) ({path})')
+                    skipped += 1
+                    continue
+                note(PROG, f'redoing {target.name}: the existing file does not decode (truncated?) ({path})')
             image = read_image(path)
             tiles = None
 
@@ -217,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             try:
                 result, shown = restore_array(model, image, tile=tile, tile_overlap=args.tile_overlap, bgr=True,
-                                               progress=progress, with_input=args.compare)
+                                               progress=progress, with_input=args.compare, clip=args.clip)
             finally:
                 if tiles is not None:
                     tiles.close()
@@ -229,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImageError as exc:  # the input's own path, or the file the error names
             error(PROG, str(exc), exc.path or item)
             failed += 1
-        except OSError as exc:
-            error(PROG, f'cannot write the result: {exc.strerror or exc}', item)
+        except OSError as exc:  # full disk, I/O error: nothing was left under the result's name
+            error(PROG, f'cannot write {Path(exc.filename or "the result").name}: {exc.strerror or exc}', item)
             failed += 1
         except KeyboardInterrupt:
             bar.close()
@@ -240,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             error(PROG, exc, item)
             failed += 1
     bar.close()
+    if not done:
+        remove_empty(created)  # a run that wrote nothing leaves nothing behind
     if not args.quiet:
         print(f'{PROG}: {done} restored, {skipped} skipped, {failed} failed -> {outdir}', flush=True)
     return EXIT_SOME_FAILED if failed else EXIT_OK

@@ -10,8 +10,10 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
   ``tile_mode: official`` the official tiles explicitly. ``self_ensemble`` (x8 flips/rotations)
   and ``window_size`` (as in Restormer-style options: reflect-pad the input to a multiple of it,
   crop the output back) apply to any of them. EMA weights are used when present.
-- validation keeps every image's metric values (``per_image_results``) for result tables, and takes
-  datasets without ground truth (real photos: saved outputs, no-reference metrics such as NIQE).
+- validation keeps every image's metric values (``per_image_results``) for result tables, takes
+  datasets without ground truth (real photos: saved outputs, no-reference metrics such as NIQE), stops
+  with one line (:class:`~basicsr_mambair.errors.ImageError`) on a NaN/Inf output instead of reporting a
+  PSNR of a black image, and writes its images atomically.
 - a non-finite loss stops training with a clear error (instead of silently writing NaN weights).
 - checkpoints load with ``weights_only=True`` and are written atomically (a run killed while
   saving never leaves a truncated file); any ``torch.optim`` optimizer can be named.
@@ -25,6 +27,7 @@ Training is exactly ``SRModel``'s (losses, EMA, optimizers, schedulers, saving).
 from __future__ import annotations
 
 import math
+import os
 import os.path as osp
 from collections import OrderedDict
 
@@ -33,13 +36,15 @@ import torch
 import torch.distributed as dist
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 from tqdm import tqdm
 
 from ..archs.arch_util import pad_to_multiple
 from ..errors import NonFiniteLossError, OptionError
+from ..image_convert import check_finite_result
+from ..image_io import write_image
 from ..options import compile_options, needs_ground_truth
 from ..tiling import forward_official_tiles, forward_self_ensemble, forward_tiled
 from ..utils.amp import MixedPrecision
@@ -240,9 +245,12 @@ class MambaIRModel(SRModel):
             self.test()
             for i, lq_path in enumerate(data['lq_path']):
                 img_name = osp.splitext(osp.basename(lq_path))[0]
+                check_finite_result(self.output[i], lq_path)
                 sr_img = tensor2img([self.output[i].detach().cpu()])
                 if save_img:
-                    imwrite(sr_img, self._visualization_path(dataset_name, img_name, current_iter))
+                    path = self._visualization_path(dataset_name, img_name, current_iter)
+                    os.makedirs(osp.dirname(path), exist_ok=True)
+                    write_image(path, sr_img)  # atomic and verified (BasicSR's imwrite is neither)
                 gt_img = tensor2img([self.gt[i].detach().cpu()]) if hasattr(self, 'gt') else None
                 values = {}
                 for name, opt_ in metrics_opt.items():

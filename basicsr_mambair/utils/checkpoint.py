@@ -7,6 +7,7 @@
   (e.g. ``embed_dim: 180 in checkpoint, 60 in network options``, from the arch support modules'
   config inference) and the offending keys; with ``strict=False`` it follows BasicSR (keys of another shape
   are skipped with a warning).
+* :func:`check_finite` -- weights with NaN/Inf are refused (by :func:`load_checked` too), naming the tensor.
 * :func:`save_atomic` -- ``torch.save`` that never leaves a partial file.
 
 Which family a state dict is and its configuration: :mod:`basicsr_mambair.archs.support`; which official
@@ -15,6 +16,7 @@ preset it matches: :mod:`basicsr_mambair.presets`.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -28,11 +30,11 @@ from torch import nn
 
 from ..archs.support import infer_config
 from ..errors import CheckpointError
-from .files import atomic_path
+from .files import atomic_write_bytes
 from .safetensors_io import is_safetensors, load_safetensors
 
-__all__ = ['CheckpointError', 'LoadReport', 'checkpoint_entries', 'load_checked', 'read_checkpoint', 'read_state_dict',
-           'save_atomic', 'select_state_dict', 'short_list', 'strip_module_prefix']
+__all__ = ['CheckpointError', 'LoadReport', 'check_finite', 'checkpoint_entries', 'load_checked', 'read_checkpoint',
+           'read_state_dict', 'save_atomic', 'select_state_dict', 'short_list', 'strip_module_prefix']
 
 _MAX_LISTED = 5  # keys shown per category in error messages
 
@@ -203,6 +205,23 @@ def _config_differences(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) 
     return diffs, ckpt_text
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = 'checkpoint') -> None:
+    """Refuse weights holding NaN or Inf: they give black or NaN images, never a restoration.
+
+    Raises :class:`CheckpointError` naming the first such tensor and how many values are broken.
+    """
+    for key, value in state_dict.items():
+        if value.is_floating_point() or value.is_complex():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = value.numel() - int(finite.sum())
+                others = sum(1 for v in state_dict.values() if (v.is_floating_point() or v.is_complex())
+                             and not bool(torch.isfinite(v).all())) - 1
+                more = f' (and {others} more tensors)' if others else ''
+                raise CheckpointError(f'{source}: tensor {key} holds {bad} NaN/Inf values of {value.numel()}{more}; '
+                                      'these weights are broken (a diverged training?) and cannot restore images')
+
+
 def load_checked(net: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                  source: str = 'checkpoint', logger: logging.Logger | None = None) -> LoadReport:
     """Load ``state_dict`` into ``net`` with an explanatory error instead of PyTorch's key dump.
@@ -220,10 +239,12 @@ def load_checked(net: nn.Module, state_dict: Mapping[str, torch.Tensor], strict:
         A :class:`LoadReport` of what was not loaded (empty after a strict load).
 
     Raises:
-        CheckpointError: ``strict`` and the checkpoint does not fit; the message names the configuration
-            difference (from :func:`infer_config` of both sides) and the missing / unexpected / mis-shaped keys.
+        CheckpointError: a tensor holds NaN/Inf (:func:`check_finite`); or ``strict`` and the checkpoint does
+            not fit: the message names the configuration difference (from :func:`infer_config` of both sides) and
+            the missing / unexpected / mis-shaped keys.
     """
     state_dict = strip_module_prefix(state_dict)
+    check_finite(state_dict, source)
     own = net.state_dict()
     report = LoadReport(
         missing=[k for k in own if k not in state_dict],
@@ -261,10 +282,12 @@ def load_checked(net: nn.Module, state_dict: Mapping[str, torch.Tensor], strict:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: write beside it, fsync, then rename.
+    """``torch.save`` that never leaves a partial file at ``path``: serialise, write beside it, fsync, check the
+    size on disk, then rename.
 
-    A run killed while saving keeps the previous file (or none), so a resume never meets a
-    truncated checkpoint.
+    A run killed while saving, or a full disk, keeps the previous file (or none), so a resume never meets a
+    truncated checkpoint; the failure is an ``OSError`` naming ``path``.
     """
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,8 +69,15 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str:
-    for name in (os.environ.get('CC'), 'cc', 'gcc', 'clang'):
-        if name and shutil.which(name):
+    cc = os.environ.get('CC')
+    if cc:  # the user's choice: a wrong one is reported, not silently replaced
+        found = shutil.which(cc)
+        if not found:
+            raise KernelUnavailable(f'$CC is {cc!r}, which is not an executable (unset CC or point it at a C '
+                                    'compiler)')
+        return found
+    for name in ('cc', 'gcc', 'clang'):
+        if shutil.which(name):
             return shutil.which(name)
     raise KernelUnavailable('no C compiler found (set CC, or install gcc or clang)')
 
@@ -84,35 +92,100 @@ def _cpu_signature() -> str | None:
     return '\n'.join(sorted({ln for ln in lines if ln.split(':')[0].strip() in wanted}))
 
 
-def _build() -> Path:
-    """Compile scan_kernel.c once per (source, compiler, CPU); return the shared library's path."""
-    cc = _compiler()
+def _compiler_version(cc: str) -> str:
     try:
-        version = subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=60).stdout
+        return subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f'C compiler {cc} does not run: {exc}') from exc
+
+
+def _attempts(cc: str, version: str) -> list[tuple[list[str], str]]:
+    """(compiler flags, library file name) to try in order; the name is keyed by source, compiler and CPU."""
     cpu = _cpu_signature()
     # -march=native only where the cache key names the CPU, so a shared home directory never hands a
     # library built for one CPU to another. No -ffast-math: inf and NaN must behave as in PyTorch.
-    attempts = ([['-march=native']] if cpu else []) + [[]]
     source = SOURCE.read_bytes()
-    user = os.getuid() if hasattr(os, 'getuid') else 0
-    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f'basicsr_mambair-{user}'):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.NamedTemporaryFile(dir=folder).close()  # writable?
-            break
-        except OSError as exc:
-            problem = exc
-    else:
-        raise KernelUnavailable(f'no writable folder for the built kernel (set MAMBAIR_CACHE_DIR): {problem}')
-    errors = []
-    for extra in attempts:
+    found = []
+    for extra in ([['-march=native']] if cpu else []) + [[]]:
         flags = ['-O3', '-std=gnu11', '-fPIC', '-shared', *extra]
         key = hashlib.sha256(b'\0'.join([source, cc.encode(), version.encode(), ' '.join(flags).encode(),
                                          (cpu or platform.machine()).encode()])).hexdigest()[:20]
-        target = folder / f'scan_kernel-{key}{".dll" if sys.platform == "win32" else ".so"}'
-        if target.exists():
+        found.append((flags, f'scan_kernel-{key}{".dll" if sys.platform == "win32" else ".so"}'))
+    return found
+
+
+def _owner_problem(st: os.stat_result) -> str | None:
+    """Why a cache entry with this ``stat`` must not be trusted (another owner, writable by others), or None."""
+    if not hasattr(os, 'geteuid'):
+        return None  # no POSIX owners (Windows): the folder's ACLs decide
+    if st.st_uid != os.geteuid():
+        return f'is owned by user id {st.st_uid}, not by you ({os.geteuid()})'
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return 'is writable by other users'
+    return None
+
+
+def _cache_folder() -> Path:
+    """The first safe, writable kernel folder: ``cache_dir()``, else ``$TMPDIR/basicsr_mambair-<uid>``.
+
+    Created with mode 0700; an existing folder is used only if it is ours and not group/world-writable (any
+    user could otherwise plant a library that we would load).
+    """
+    user = os.geteuid() if hasattr(os, 'geteuid') else 0
+    problems = []
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f'basicsr_mambair-{user}'):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder = folder.resolve()  # checks and later use name the same folder
+            problem = _owner_problem(folder.stat())
+            if problem:
+                problems.append(f'{folder} {problem}')
+                continue
+            tempfile.NamedTemporaryFile(dir=folder).close()  # writable?
+            return folder
+        except OSError as exc:
+            problems.append(f'{folder}: {exc.strerror or exc}')
+    raise KernelUnavailable(f'no safe, writable folder for the built kernel (set MAMBAIR_CACHE_DIR to a folder of '
+                            f'yours): {problems[-1]}')
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record(target: Path) -> Path:
+    """The file holding the SHA-256 of ``target`` as we built it (hidden, beside it)."""
+    return target.with_name(f'.{target.name}.sha256')
+
+
+def _is_our_build(target: Path) -> bool:
+    """``target`` is a regular file of ours, not writable by others, whose content hash is the one we recorded
+    when we built it."""
+    record = _record(target)
+    try:
+        for path in (target, record):
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode) or _owner_problem(st):
+                return False
+        return record.read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
+def _build() -> Path:
+    """Compile scan_kernel.c once per (source, compiler, CPU); return the shared library's path.
+
+    The cache is trusted only if it is ours: the folder (:func:`_cache_folder`, mode 0700) must be owned by
+    the current user and not writable by others, and a cached library is loaded only if it is ours too and
+    its SHA-256 matches the one recorded when we built it (:func:`_is_our_build`); else it is rebuilt over.
+    """
+    cc = _compiler()
+    version = _compiler_version(cc)
+    folder = _cache_folder()
+    errors = []
+    for flags, name in _attempts(cc, version):
+        target = folder / name
+        if _is_our_build(target):
             return target
         tmp = target.with_name(f'{target.name}.{os.getpid()}.tmp')  # concurrent builds (DDP) never clash
         try:
@@ -122,7 +195,11 @@ def _build() -> Path:
             errors.append(str(exc))
             continue
         if proc.returncode == 0 and tmp.exists():
+            record = _record(target)
+            record_tmp = record.with_name(f'{record.name}.{os.getpid()}.tmp')
+            record_tmp.write_text(_digest(tmp) + '\n')
             os.replace(tmp, target)
+            os.replace(record_tmp, record)
             return target
         tmp.unlink(missing_ok=True)
         lines = proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}']
