@@ -17,7 +17,8 @@ setup(
     license='Apache-2.0',
     packages=find_packages(include=['basicsr_mambair', 'basicsr_mambair.*']),
     include_package_data=True,
-    package_data={'basicsr_mambair.ops.scan': ['scan_kernel.c']},  # compiled on first use (ops/scan/compiled.py)
+    # the C scan kernel, compiled on first use (ops/scan/compiled.py)
+    package_data={'basicsr_mambair.ops.scan': ['scan_kernel.c', 'scan_fused.c', 'scan_common.h']},
     python_requires='>=3.9',
     install_requires=[
         'basicsr>=1.4.2',

@@ -1,7 +1,9 @@
 """The ``compiled`` selective scan: a C kernel for CPU tensors (forward and backward), built on first use.
 
-``scan_kernel.c`` is compiled with the system's C compiler (``$CC``, else cc / gcc / clang) into a
-shared library cached under ``$MAMBAIR_CACHE_DIR`` (default ``~/.cache/basicsr_mambair``), keyed by the
+``scan_kernel.c`` (the flat scan) and ``scan_fused.c`` (scans walking several orders of position-major
+inputs, :mod:`.fused`), with their shared ``scan_common.h``, are compiled with the system's C compiler
+(``$CC``, else cc / gcc / clang) into one shared library cached under ``$MAMBAIR_CACHE_DIR`` (default
+``~/.cache/basicsr_mambair``), keyed by the
 source, the compiler and the CPU, and called through ctypes on float32 tensors in place. Work is split
 over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no compiler is found, the build
 fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
@@ -39,8 +41,10 @@ from .reference import selective_scan_reference
 __all__ = ['KernelUnavailable', 'cache_dir', 'load', 'reset', 'scan', 'scan_autograd', 'scan_forward',
            'unavailable_reason']
 
-SOURCE = Path(__file__).with_name('scan_kernel.c')
+SOURCES = tuple(Path(__file__).with_name(name) for name in ('scan_kernel.c', 'scan_fused.c'))
+HEADERS = (Path(__file__).with_name('scan_common.h'),)
 LOG2E = math.log2(math.e)
+LANES = 16  # channels per vector (W of scan_common.h): the unit of work
 # (batch, dim, L, N) elements per thread at least: below, the pool's hand-off (~0.1 ms) costs more than
 # it saves.
 MIN_PARALLEL_ELEMS = 1 << 18
@@ -52,6 +56,15 @@ class _Args(ctypes.Structure):
                 [(k, ctypes.c_int64) for k in ('batch', 'dim', 'groups', 'n', 'length', 'b_batch', 'b_group',
                                                'c_batch', 'c_group', 'softplus')] +
                 [(k, ctypes.c_void_p) for k in ('A', 'dy', 'dlast', 'du', 'ddelta', 'dA', 'dB', 'dC')])
+
+
+class FusedArgs(ctypes.Structure):
+    """``fused_args`` of scan_fused.c (same field order; used by :mod:`.fused`)."""
+    _fields_ = ([(k, ctypes.c_void_p) for k in ('u', 'proj', 'cadd', 'wdt', 'bias', 'A2', 'A', 'D', 'perm', 'y')] +
+                [(k, ctypes.c_int64) for k in ('batch', 'dim', 'n', 'r', 'dirs', 'length', 'height', 'width', 'order',
+                                               'softplus', 'u_batch', 'u_pos', 'x_batch', 'x_pos', 'x_dir',
+                                               'c_batch', 'c_step')] +
+                [(k, ctypes.c_void_p) for k in ('dy', 'du', 'dproj', 'dwdt', 'dbias', 'dA')])
 
 
 _lib: ctypes.CDLL | None = None
@@ -85,7 +98,7 @@ def _cpu_signature() -> str | None:
 
 
 def _build() -> Path:
-    """Compile scan_kernel.c once per (source, compiler, CPU); return the shared library's path."""
+    """Compile the kernel once per (sources, compiler, CPU); return the shared library's path."""
     cc = _compiler()
     try:
         version = subprocess.run([cc, '--version'], capture_output=True, text=True, timeout=60).stdout
@@ -95,7 +108,7 @@ def _build() -> Path:
     # -march=native only where the cache key names the CPU, so a shared home directory never hands a
     # library built for one CPU to another. No -ffast-math: inf and NaN must behave as in PyTorch.
     attempts = ([['-march=native']] if cpu else []) + [[]]
-    source = SOURCE.read_bytes()
+    source = b'\0'.join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     user = os.getuid() if hasattr(os, 'getuid') else 0
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f'basicsr_mambair-{user}'):
         try:
@@ -116,7 +129,7 @@ def _build() -> Path:
             return target
         tmp = target.with_name(f'{target.name}.{os.getpid()}.tmp')  # concurrent builds (DDP) never clash
         try:
-            proc = subprocess.run([cc, *flags, str(SOURCE), '-o', str(tmp)], capture_output=True, text=True,
+            proc = subprocess.run([cc, *flags, *map(str, SOURCES), '-o', str(tmp)], capture_output=True, text=True,
                                   timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
@@ -127,15 +140,19 @@ def _build() -> Path:
         tmp.unlink(missing_ok=True)
         lines = proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}']
         errors.append(next((ln for ln in lines if 'error' in ln.lower()), lines[0]))
-    raise KernelUnavailable(f'{cc} could not build {SOURCE.name}: {errors[-1]}')
+    raise KernelUnavailable(f'{cc} could not build {", ".join(path.name for path in SOURCES)}: {errors[-1]}')
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
     """The kernel on small cases with every feature (partial channel blocks, a partial tile, generic N,
-    softplus, bias, D, last state, shared and grouped B/C), forward and backward, against the float64
-    reference: a compiler that miscompiles it is caught here, not in a user's results."""
+    softplus, bias, D, last state, shared and grouped B/C; the fused entry points' orders), forward and
+    backward, against the float64 reference: a compiler that miscompiles it is caught here, not in a
+    user's results."""
+    from .fused import check_kernel  # imported here: fused.py builds on this module
+
     with torch.inference_mode(False), torch.enable_grad():  # the first scan may come from inference code
         _compare_with_reference(lib)
+        check_kernel(lib)
 
 
 def _compare_with_reference(lib: ctypes.CDLL) -> None:
@@ -178,6 +195,11 @@ def load() -> ctypes.CDLL:
             lib.mambair_scan_backward.restype = ctypes.c_int
             lib.mambair_step_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, *counter]
             lib.mambair_step_major.restype = None
+            fused_args = ctypes.POINTER(FusedArgs)
+            lib.mambair_fused_forward.argtypes = [fused_args, *counter]
+            lib.mambair_fused_forward.restype = None
+            lib.mambair_fused_backward.argtypes = [fused_args, *counter]
+            lib.mambair_fused_backward.restype = ctypes.c_int
             _self_check(lib)
             _lib = lib
         except KernelUnavailable as exc:
@@ -204,11 +226,12 @@ def reset() -> None:
     _lib = _error = None
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def ptr(t: Tensor | None) -> int | None:
+    """A tensor's data pointer for a ctypes struct field (NULL for None)."""
     return None if t is None else t.data_ptr()
 
 
-def _parallel(fn: Callable, count: int, *args: object, elems: int) -> list:
+def parallel(fn: Callable, count: int, *args: object, elems: int) -> list:
     """fn(*args, counter, count) on torch's intra-op thread count, each thread taking work units from the
     shared counter; at most one thread per MIN_PARALLEL_ELEMS of ``elems``. Returns each call's result."""
     global _pool, _pool_size
@@ -240,9 +263,9 @@ class _Call:
         (self.B, b_batch, b_group), (self.C, c_batch, c_group) = self._step_major(B), self._step_major(C)
         self.D = None if D is None else D.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
-        self.args = _Args(_ptr(self.u), _ptr(self.delta), _ptr(self.A2), _ptr(self.B), _ptr(self.C), _ptr(self.D),
-                          _ptr(self.bias), None, None, batch, dim, self.groups, self.n, length, b_batch, b_group,
-                          c_batch, c_group, int(softplus), _ptr(self.A))
+        self.args = _Args(ptr(self.u), ptr(self.delta), ptr(self.A2), ptr(self.B), ptr(self.C), ptr(self.D),
+                          ptr(self.bias), None, None, batch, dim, self.groups, self.n, length, b_batch, b_group,
+                          c_batch, c_group, int(softplus), ptr(self.A))
 
     def _step_major(self, t: Tensor) -> Tuple[Tensor, int, int]:
         """B or C, (batch, N, L) or (batch, G, N, L), as float32 (..., L, N); its batch and group strides.
@@ -257,7 +280,7 @@ class _Call:
         dst = torch.empty(*src.shape[:-2], length, n)
         rows = src.numel() // (n * length)
         row_stride = src.stride(0) if src.dim() == 3 else src.stride(1)
-        _parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, row_stride,
+        parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, row_stride,
                   src.stride(-2), src.stride(-1), elems=self.elems)
         return (dst, length * n, 0) if t.dim() == 3 else (dst, dst.shape[1] * length * n, length * n)
 
@@ -265,7 +288,7 @@ class _Call:
         """Point the struct's output / gradient fields at ``tensors`` (kept alive here)."""
         for name, t in tensors.items():
             setattr(self, f'_{name}', t)
-            setattr(self.args, name, _ptr(t))
+            setattr(self.args, name, ptr(t))
 
     def forward(self, last_state: bool) -> Tuple[Tensor, Tensor | None]:
         batch, dim, _ = self.shape
@@ -273,7 +296,7 @@ class _Call:
         last = self.u.new_empty(batch, dim, self.n) if last_state else None
         self.set(y=y, last=last)
         units = self.lib.mambair_scan_units(ctypes.byref(self.args))
-        _parallel(self.lib.mambair_scan_forward, units, ctypes.byref(self.args), elems=self.elems)
+        parallel(self.lib.mambair_scan_forward, units, ctypes.byref(self.args), elems=self.elems)
         return y, last
 
     def backward(self, dy: Tensor, dlast: Tensor | None) -> Tuple[Tensor, ...]:
@@ -285,7 +308,7 @@ class _Call:
                  'dB': self.u.new_empty(batch, self.groups, length, self.n),
                  'dC': self.u.new_empty(batch, self.groups, length, self.n)}
         self.set(dy=dy.float().contiguous(), dlast=None if dlast is None else dlast.float().contiguous(), **grads)
-        status = _parallel(self.lib.mambair_scan_backward, batch * self.groups, ctypes.byref(self.args),
+        status = parallel(self.lib.mambair_scan_backward, batch * self.groups, ctypes.byref(self.args),
                            elems=self.elems)
         if any(status):
             raise MemoryError('selective scan backward: no memory for its per-thread buffers')
