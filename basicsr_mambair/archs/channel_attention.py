@@ -7,7 +7,23 @@ Parameter names and shapes follow the official code so that checkpoints load wit
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution (stride 1, no groups) as a matmul over the channels: (B, C, H, W) -> (B, C', H, W).
+
+    Why not ``conv(x)``: on the CPU PyTorch sends 1x1 kernels on channels-last input to its slow generic
+    convolution, and a matmul on the (B, H, W, C) view is both faster and keeps the channels-last layout
+    every MambaIR block works in (the result is a channels-last view too).
+    """
+    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
+def _is_pointwise(layer: nn.Module) -> bool:
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding == (0, 0) and layer.groups == 1)
 
 
 class ChannelAttention(nn.Module):
@@ -31,8 +47,12 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        return x * self.attention(x)
+        """x: (B, C, H, W) -> (B, C, H, W) (channels-last in, channels-last out)."""
+        _, squeeze, relu, excite, sigmoid = self.attention
+        # The pooled (B, C) vector through the two 1x1 convs as matmuls (same parameters as the modules).
+        s = relu(F.linear(x.mean((2, 3)), squeeze.weight.flatten(1), squeeze.bias))
+        s = sigmoid(F.linear(s, excite.weight.flatten(1), excite.bias))
+        return x * s[:, :, None, None]
 
 
 class CAB(nn.Module):
@@ -75,5 +95,7 @@ class CAB(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        return self.cab(x)
+        """x: (B, C, H, W) -> (B, C, H, W); best as a channels-last view, which the result is too."""
+        for layer in self.cab:
+            x = conv1x1(layer, x) if _is_pointwise(layer) else layer(x)
+        return x

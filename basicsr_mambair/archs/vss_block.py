@@ -51,8 +51,9 @@ class VSSBlock(nn.Module):
         """x: (B, H*W, C) tokens in row-major order; x_size: (H, W). Returns (B, H*W, C)."""
         b, length, c = x.shape
         x = x.reshape(b, x_size[0], x_size[1], c)  # (B, H, W, C)
-        x = x * self.skip_scale + self.drop_path(self.self_attention(self.ln_1(x)))
-        # The convolutions run on an NCHW *view* of the channels-last tensor (no copy either way).
+        # One layout through the block: channels-last. addcmul is the scaled skip and the sum in one pass.
+        x = torch.addcmul(self.drop_path(self.self_attention(self.ln_1(x))), x, self.skip_scale)
+        # The convolutions run on an NCHW *view* of the channels-last tensor and return one (no copy).
         local = self.conv_blk(self.ln_2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x * self.skip_scale2 + local
+        x = torch.addcmul(local, x, self.skip_scale2)
         return x.reshape(b, length, c)

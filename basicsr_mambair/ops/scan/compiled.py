@@ -63,7 +63,7 @@ class FusedArgs(ctypes.Structure):
     _fields_ = ([(k, ctypes.c_void_p) for k in ('u', 'proj', 'cadd', 'wdt', 'bias', 'A2', 'A', 'D', 'perm', 'y')] +
                 [(k, ctypes.c_int64) for k in ('batch', 'dim', 'n', 'r', 'dirs', 'length', 'height', 'width', 'order',
                                                'softplus', 'u_batch', 'u_pos', 'x_batch', 'x_pos', 'x_dir',
-                                               'c_batch', 'c_step')] +
+                                               'c_batch', 'c_step', 'unit_blocks')] +
                 [(k, ctypes.c_void_p) for k in ('dy', 'du', 'dproj', 'dwdt', 'dbias', 'dA')])
 
 
@@ -197,7 +197,7 @@ def load() -> ctypes.CDLL:
             lib.mambair_step_major.restype = None
             fused_args = ctypes.POINTER(FusedArgs)
             lib.mambair_fused_forward.argtypes = [fused_args, *counter]
-            lib.mambair_fused_forward.restype = None
+            lib.mambair_fused_forward.restype = ctypes.c_int
             lib.mambair_fused_backward.argtypes = [fused_args, *counter]
             lib.mambair_fused_backward.restype = ctypes.c_int
             _self_check(lib)
@@ -231,18 +231,24 @@ def ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def workers(elems: int) -> int:
+    """Threads for a scan over ``elems`` (batch, dim, L, N) values: torch's intra-op thread count, at most
+    one per MIN_PARALLEL_ELEMS."""
+    return min(torch.get_num_threads(), max(1, elems // MIN_PARALLEL_ELEMS))
+
+
 def parallel(fn: Callable, count: int, *args: object, elems: int) -> list:
-    """fn(*args, counter, count) on torch's intra-op thread count, each thread taking work units from the
-    shared counter; at most one thread per MIN_PARALLEL_ELEMS of ``elems``. Returns each call's result."""
+    """fn(*args, counter, count) on :func:`workers` threads (at most ``count``), each taking work units from
+    the shared counter. Returns each call's result."""
     global _pool, _pool_size
     counter = ctypes.c_int64(0)
     call = functools.partial(fn, *args, ctypes.byref(counter), count)
-    workers = min(torch.get_num_threads(), count, max(1, elems // MIN_PARALLEL_ELEMS))
-    if workers <= 1:
+    workers_now = min(workers(elems), count)
+    if workers_now <= 1:
         return [call()]
-    if _pool is None or _pool_size != workers - 1:
-        _pool, _pool_size = ThreadPoolExecutor(workers - 1, thread_name_prefix='mambair-scan'), workers - 1
-    jobs = [_pool.submit(call) for _ in range(workers - 1)]
+    if _pool is None or _pool_size != workers_now - 1:
+        _pool, _pool_size = ThreadPoolExecutor(workers_now - 1, thread_name_prefix='mambair-scan'), workers_now - 1
+    jobs = [_pool.submit(call) for _ in range(workers_now - 1)]
     return [call()] + [job.result() for job in jobs]  # the calling thread works too
 
 

@@ -69,7 +69,7 @@ class _Call:
             batch, dim, self.n, rank, k_dirs, positions, height, width,
             ORDER_PERM if perm is not None else ORDER_CROSS, int(softplus),
             self.u.stride(0), self.u.stride(1), self.proj.stride(0), self.proj.stride(1), self.proj.stride(2),
-            *c_strides)
+            *c_strides, 1)
 
     def set(self, **tensors: Tensor | None) -> None:
         """Point the struct's output / gradient fields at ``tensors`` (kept alive here)."""
@@ -82,8 +82,15 @@ class _Call:
         batch, positions, dim = self.shape
         y = torch.empty(batch, positions, dim)
         self.set(y=y)
-        units = batch * -(-dim // compiled.LANES)
-        compiled.parallel(self.lib.mambair_fused_forward, units, ctypes.byref(self.args), elems=self.elems)
+        # A work unit is a range of channel blocks of one batch element: the whole element where the batch
+        # gives every thread work (the kernel reuses each position's rows across blocks), else split.
+        blocks = -(-dim // compiled.LANES)
+        per_batch = min(blocks, -(-compiled.workers(self.elems) // batch))
+        self.args.unit_blocks = -(-blocks // per_batch)
+        units = batch * -(-blocks // self.args.unit_blocks)
+        status = compiled.parallel(self.lib.mambair_fused_forward, units, ctypes.byref(self.args), elems=self.elems)
+        if any(status):
+            raise MemoryError('fused selective scan: no memory for its per-thread buffers')
         return y
 
     def backward(self, dy: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

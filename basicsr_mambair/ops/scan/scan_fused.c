@@ -11,7 +11,11 @@
  * (batch, P, dim) result.
  *
  * Vectorised across channels as in scan_kernel.c: one vector holds channels d0 .. d0+W-1 of one
- * direction; position-major storage makes each step's W channels one contiguous load.
+ * direction; position-major storage makes each step's W channels one contiguous load. Loop order: for
+ * each direction, tiles of TILE steps outside and the channel blocks inside (each block's state is kept
+ * between tiles), so that a tile's rows of u, y and the projection come from memory once for all blocks
+ * and stay in cache while they are used. (One block at a time over all steps, as scan_kernel.c does,
+ * reads them from memory once per block and spends about half of its time waiting for them.)
  */
 #include "scan_common.h"
 
@@ -33,42 +37,41 @@ typedef struct {
     float *y;
     int64_t batch, dim, n, r, dirs, length, height, width, order, softplus;
     int64_t u_batch, u_pos, x_batch, x_pos, x_dir, c_batch, c_step;
+    int64_t unit_blocks; /* channel blocks per forward work unit */
     const float *dy;
     float *du, *dproj, *dwdt, *dbias, *dA;
 } fused_args;
 
-/* One block of channels d0 .. d0+lanes-1 (lanes <= W) of direction k of batch element b. */
+/* Constants of one block of channels d0 .. d0+lanes-1 (lanes <= W) of one direction; its vectors (A2,
+ * wdt and for the backward A, by n and r) are kept beside it in block_vectors. */
 typedef struct {
-    int64_t b, k, d0, lanes, row; /* row = k * dim + d0: the block's first row of A, D, bias and wdt */
-    vi in_block;
+    int64_t d0, lanes;
+    vi in_block; /* lanes that hold channels (the others stay exactly 0) */
     vf bias, D;
-    float amin, amax;
-    const float *proj, *u; /* the batch element's projection of direction k, and its input */
-} fused_block;
+    float amin, amax; /* range of A2 over the block */
+} chan_block;
 
-INLINE fused_block fused_setup(const int64_t N, const fused_args *s, int64_t b, int64_t k, int64_t d0,
-                               int64_t lanes, vf *a2, vf *wdt) {
-    const int64_t R = s->r;
-    fused_block f = {.b = b, .k = k, .d0 = d0, .lanes = lanes, .row = k * s->dim + d0};
-    f.bias = f.D = splat(0.0f);
-    f.amin = f.amax = 0.0f;
+INLINE chan_block block_setup(const int64_t N, const fused_args *s, int64_t k, int64_t d0, vf *a2, vf *wdt, vf *A) {
+    const int64_t R = s->r, row = k * s->dim + d0, lanes = s->dim - d0 < W ? s->dim - d0 : W;
+    chan_block c = {.d0 = d0, .lanes = lanes};
+    c.bias = c.D = splat(0.0f);
+    c.amin = c.amax = 0.0f;
     for (int64_t w = 0; w < W; w++) {
-        f.in_block[w] = w < lanes ? -1 : 0;
-        if (w < lanes && s->bias) f.bias[w] = s->bias[f.row + w];
-        if (w < lanes && s->D) f.D[w] = s->D[f.row + w];
+        c.in_block[w] = w < lanes ? -1 : 0;
+        if (w < lanes && s->bias) c.bias[w] = s->bias[row + w];
+        if (w < lanes && s->D) c.D[w] = s->D[row + w];
     }
     for (int64_t n = 0; n < N; n++)
         for (int64_t w = 0; w < W; w++) {
-            const float v = w < lanes ? s->A2[(f.row + w) * N + n] : 0.0f;
+            const float v = w < lanes ? s->A2[(row + w) * N + n] : 0.0f;
             a2[n][w] = v;
-            f.amin = v < f.amin ? v : f.amin;
-            f.amax = v > f.amax ? v : f.amax;
+            c.amin = v < c.amin ? v : c.amin;
+            c.amax = v > c.amax ? v : c.amax;
+            if (A) A[n][w] = w < lanes ? s->A[(row + w) * N + n] : 0.0f;
         }
     for (int64_t r = 0; r < R; r++)
-        for (int64_t w = 0; w < W; w++) wdt[r][w] = w < lanes ? s->wdt[(f.row + w) * R + r] : 0.0f;
-    f.proj = s->proj + b * s->x_batch + k * s->x_dir;
-    f.u = s->u + b * s->u_batch + d0;
-    return f;
+        for (int64_t w = 0; w < W; w++) wdt[r][w] = w < lanes ? s->wdt[(row + w) * R + r] : 0.0f;
+    return c;
 }
 
 /* Positions of steps l0 .. l0+T-1 of direction k. Cross order: the grid is walked by increments (no
@@ -96,186 +99,288 @@ INLINE void tile_positions(const fused_args *s, int64_t b, int64_t k, int64_t l0
     }
 }
 
-/* W channels at src, of which `lanes` exist (the others read as 0 and are never written). */
+/* W channels at src, of which `lanes` exist (the others read as 0 and are never written). A full block
+ * is one unaligned vector load or store straight from or to a register; building the vector lane by
+ * lane (only for a partial block) goes through memory, and a 64-byte reload right after such a store
+ * stalls on CPUs that cannot forward it. */
+typedef float vf_unaligned __attribute__((vector_size(W * 4), aligned(4), may_alias));
+
 INLINE vf load_lanes(const float *src, int64_t lanes) {
-    vf v = splat(0.0f);
-    if (lanes == W) memcpy(&v, src, sizeof v);
-    else
-        for (int64_t w = 0; w < lanes; w++) v[w] = src[w];
-    return v;
+    if (lanes == W) return *(const vf_unaligned *)src;
+    float v[W] = {0};
+    memcpy(v, src, lanes * sizeof(float));
+    return *(const vf_unaligned *)v;
 }
 
 INLINE void store_lanes(float *dst, vf v, int64_t lanes, int add) {
     if (lanes == W) {
-        if (add) {
-            vf o;
-            memcpy(&o, dst, sizeof o);
-            v += o;
-        }
-        memcpy(dst, &v, sizeof v);
-    } else {
-        for (int64_t w = 0; w < lanes; w++) dst[w] = add ? dst[w] + v[w] : v[w];
+        if (add) v += *(const vf_unaligned *)dst;
+        *(vf_unaligned *)dst = v;
+        return;
     }
+    for (int64_t w = 0; w < lanes; w++) dst[w] = add ? dst[w] + v[w] : v[w];
 }
 
-/* Gathers the tile's steps from their positions: dt (delta = wdt . dt_low expanded here, then bias and
- * softplus), x = dt * u, and the B and C rows into Bt, Ct (T, N); if not NULL also u, the dt_low rows
- * (lows (T, R)) and d dt / d delta (slope). Returns whether the unchecked exp may be used. */
-INLINE int gather_tile(const int64_t N, const fused_args *s, const fused_block *f, const vf *wdt, const int64_t *pos,
-                       int64_t l0, int64_t T, vf *dt, vf *x, float *Bt, float *Ct, vf *us, float *lows, vf *slope) {
-    const int64_t R = s->r;
-    const float *cadd = s->cadd ? s->cadd + f->b * s->c_batch + l0 * s->c_step : 0;
-    vf dlo = splat(__builtin_inff()), dhi = -dlo;
+/* Where the next block pass works: its positions (NULL: there is none), their count and first channel.
+ * Each pass prefetches the next one's lines step by step, so that they arrive while it computes: a
+ * column-major walk lands on another page every step, which the hardware prefetchers do not follow,
+ * and one tile's rows for all blocks at once are more lines than can be in flight. */
+typedef struct {
+    const int64_t *pos;
+    int64_t T, d0;
+} pass_ref;
+
+INLINE pass_ref next_pass(int64_t j, int64_t nb, int64_t d0_first, const int64_t *pos, int64_t T,
+                          const int64_t *next_pos, int64_t next_T) {
+    if (j + 1 < nb) return (pass_ref){pos, T, d0_first + (j + 1) * W};
+    return (pass_ref){next_pos, next_T, d0_first};
+}
+
+/* Prefetch step t's W channels of the next pass in a position-major array (rows `stride` apart); a
+ * block that straddles two lines gets both. */
+INLINE void prefetch_step(const pass_ref *p, int64_t t, const float *base, int64_t stride, int write) {
+    if (!p->pos || t >= p->T) return;
+    const float *at = base + p->pos[t] * stride + p->d0;
+    __builtin_prefetch(at, write, 3);
+    __builtin_prefetch(at + W - 1, write, 3);
+}
+
+/* The tile's projection rows (of one direction; the same for all its blocks): B and C into Bt, Ct
+ * (T, N), C plus cadd at the tile's steps, and dt_low into lows (T, R). Prefetches the next tile's rows
+ * (positions next_pos, NULL: none) of proj and, if not NULL, of rmw (its gradient, rows rmw_stride apart). */
+INLINE void gather_rows(const int64_t N, const fused_args *s, const float *proj, const float *cadd, const int64_t *pos,
+                        int64_t T, float *Bt, float *Ct, float *lows, const int64_t *next_pos, int64_t next_T,
+                        float *rmw, int64_t rmw_stride) {
+    const int64_t R = s->r, bytes = (R + 2 * N) * (int64_t)sizeof(float);
     for (int64_t t = 0; t < T; t++) {
-        const float *pr = f->proj + pos[t] * s->x_pos;
-        vf delta = splat(0.0f);
-        for (int64_t r = 0; r < R; r++) delta += wdt[r] * pr[r];
-        const vf d = step_dt(delta, f->bias, s->softplus, f->in_block, slope ? &slope[t] : 0);
-        const vf u = load_lanes(f->u + pos[t] * s->u_pos, f->lanes);
-        dt[t] = d;
-        x[t] = d * u;
-        if (us) us[t] = u;
-        if (lows) memcpy(lows + t * R, pr, R * sizeof(float));
+        const float *pr = proj + pos[t] * s->x_pos;
+        memcpy(lows + t * R, pr, R * sizeof(float));
         memcpy(Bt + t * N, pr + R, N * sizeof(float));
         if (cadd)
             for (int64_t n = 0; n < N; n++) Ct[t * N + n] = pr[R + N + n] + cadd[t * s->c_step + n];
         else
             memcpy(Ct + t * N, pr + R + N, N * sizeof(float));
+        if (next_pos && t < next_T)
+            for (int64_t o = 0; o < bytes + 63; o += 64) {
+                const int64_t at = o < bytes ? o : bytes - 1;
+                __builtin_prefetch((const char *)(proj + next_pos[t] * s->x_pos) + at, 0, 3);
+                if (rmw) __builtin_prefetch((const char *)(rmw + next_pos[t] * rmw_stride) + at, 1, 3);
+            }
+    }
+}
+
+/* One block's steps of the tile: delta = wdt . dt_low (expanded here), dt (bias, softplus), x = dt * u;
+ * if not NULL also u and slope = d dt / d delta. Prefetches the next pass's u. Returns whether the
+ * unchecked exp may be used. */
+INLINE int block_tile(const fused_args *s, const chan_block *c, const vf *wdt, const float *u, const int64_t *pos,
+                      const float *lows, int64_t T, vf *dt, vf *x, vf *us, vf *slope, const pass_ref *pf) {
+    const int64_t R = s->r;
+    vf dlo = splat(__builtin_inff()), dhi = -dlo;
+    for (int64_t t = 0; t < T; t++) {
+        prefetch_step(pf, t, u, s->u_pos, 0);
+        vf delta = splat(0.0f);
+        for (int64_t r = 0; r < R; r++) delta += wdt[r] * lows[t * R + r];
+        const vf d = step_dt(delta, c->bias, s->softplus, c->in_block, slope ? &slope[t] : 0);
+        const vf uv = load_lanes(u + pos[t] * s->u_pos + c->d0, c->lanes);
+        dt[t] = d;
+        x[t] = d * uv;
+        if (us) us[t] = uv;
         dlo = sel(d < dlo, d, dlo);
         dhi = sel(d > dhi, d, dhi);
     }
-    return exps_in_range(dlo, dhi, f->amin, f->amax);
+    return exps_in_range(dlo, dhi, c->amin, c->amax);
 }
 
-/* Direction k of one block: its outputs plus D u are stored (first direction) or added into y. */
-INLINE void fused_forward_block(const int64_t N, const fused_args *s, int64_t b, int64_t k, int64_t d0,
-                                int64_t lanes) {
-    const int64_t L = s->length, R = s->r;
-    vf h[N], a2[N], wdt[R];
-    const fused_block f = fused_setup(N, s, b, k, d0, lanes, a2, wdt);
-    for (int64_t n = 0; n < N; n++) h[n] = splat(0.0f);
-    vf dt[TILE], x[TILE], us[TILE], y[TILE];
-    float Bt[TILE * N], Ct[TILE * N];
-    int64_t pos[TILE];
-    float *out = s->y + b * L * s->dim + d0;
-    for (int64_t l0 = 0; l0 < L; l0 += TILE) {
-        const int64_t T = L - l0 < TILE ? L - l0 : TILE;
-        tile_positions(s, b, k, l0, T, pos);
-        if (gather_tile(N, s, &f, wdt, pos, l0, T, dt, x, Bt, Ct, us, 0, 0))
-            scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, y, 0, 0);
-        else
-            scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, y, 0, 0);
-        for (int64_t t = 0; t < T; t++) store_lanes(out + pos[t] * s->dim, y[t] + f.D * us[t], lanes, k > 0);
+#define TILE_LEN(l0) (L - (l0) < TILE ? L - (l0) : TILE)
+
+/* Forward of blocks j0 .. j1-1 of batch element b, every direction in turn; each direction's output plus
+ * D u is stored (first direction) or added into y, so the sum has a fixed order and no races. Per block
+ * `per` vectors of scratch in vecs: A2 (N), wdt (R), state (N). */
+INLINE void forward_unit(const int64_t N, const fused_args *s, int64_t b, int64_t j0, int64_t j1, chan_block *cb,
+                         vf *vecs) {
+    const int64_t L = s->length, R = s->r, per = 2 * N + R, nb = j1 - j0;
+    const float *u = s->u + b * s->u_batch, *cadd = s->cadd ? s->cadd + b * s->c_batch : 0;
+    float *y = s->y + b * L * s->dim;
+    vf dt[TILE], x[TILE], us[TILE], yt[TILE];
+    float Bt[TILE * N], Ct[TILE * N], lows[TILE * R];
+    int64_t pos[TILE], next[TILE];
+    for (int64_t k = 0; k < s->dirs; k++) {
+        const float *proj = s->proj + b * s->x_batch + k * s->x_dir;
+        for (int64_t j = 0; j < nb; j++) {
+            vf *v = vecs + j * per;
+            cb[j] = block_setup(N, s, k, (j0 + j) * W, v, v + N, 0);
+            for (int64_t n = 0; n < N; n++) v[N + R + n] = splat(0.0f);
+        }
+        tile_positions(s, b, k, 0, TILE_LEN(0), next);
+        for (int64_t l0 = 0; l0 < L; l0 += TILE) {
+            const int64_t T = TILE_LEN(l0), next_T = l0 + T < L ? TILE_LEN(l0 + T) : 0;
+            memcpy(pos, next, T * sizeof *pos);
+            if (next_T) tile_positions(s, b, k, l0 + T, next_T, next);
+            gather_rows(N, s, proj, cadd ? cadd + l0 * s->c_step : 0, pos, T, Bt, Ct, lows, next_T ? next : 0, next_T,
+                        0, 0);
+            for (int64_t j = 0; j < nb; j++) {
+                vf *a2 = vecs + j * per, *wdt = a2 + N, *h = wdt + R;
+                const chan_block *c = &cb[j];
+                const pass_ref pf = next_pass(j, nb, j0 * W, pos, T, next_T ? next : 0, next_T);
+                if (block_tile(s, c, wdt, u, pos, lows, T, dt, x, us, 0, &pf))
+                    scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, yt, 0, 0);
+                else
+                    scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, yt, 0, 0);
+                for (int64_t t = 0; t < T; t++) {
+                    prefetch_step(&pf, t, y, s->dim, 1);
+                    store_lanes(y + pos[t] * s->dim + c->d0, yt[t] + c->D * us[t], c->lanes, k > 0);
+                }
+            }
+        }
     }
 }
 
-/* Backward of direction k of one block, as in scan_kernel.c's backward_block (states recomputed per
- * tile from the saved tile starts, adjoint g[t] = C[t] dy[t] + a[t+1] g[t+1]), and through the dt
- * expansion: d dt_low = wdt^T d delta (summed over the block's lanes into dproj), d wdt = d delta dt_low^T. */
-INLINE void fused_backward_block(const int64_t N, const fused_args *s, int64_t b, int64_t k, int64_t d0,
-                                 int64_t lanes, vf *starts, vf *as, vf *hs) {
-    const int64_t L = s->length, R = s->r, K = s->dirs, tiles = (L + TILE - 1) / TILE, row = (R + 2 * N);
-    vf h[N], a2[N], A[N], gs[N], dA[N], wdt[R], dw[R], dbias = splat(0.0f);
-    const fused_block f = fused_setup(N, s, b, k, d0, lanes, a2, wdt);
-    for (int64_t n = 0; n < N; n++) {
-        h[n] = gs[n] = dA[n] = splat(0.0f);
-        for (int64_t w = 0; w < W; w++) A[n][w] = w < lanes ? s->A[(f.row + w) * N + n] : 0.0f;
-    }
-    for (int64_t r = 0; r < R; r++) dw[r] = splat(0.0f);
+/* Backward of direction k of batch element b, all channel blocks, as scan_kernel.c's backward_block
+ * (states recomputed per tile from the saved tile starts, adjoint g[t] = C[t] dy[t] + a[t+1] g[t+1]) and
+ * through the dt expansion: d dt_low = wdt^T d delta (summed over the lanes into dproj), d wdt = d delta
+ * dt_low^T. Per block `per` vectors in vecs: A2, A, state, adjoint, dA (N each), wdt, dwdt (R each), dbias;
+ * starts: the state at every tile start of every block. */
+INLINE void backward_unit(const int64_t N, const fused_args *s, int64_t b, int64_t k, chan_block *cb, vf *vecs,
+                          vf *starts, vf *as, vf *hs) {
+    const int64_t L = s->length, R = s->r, K = s->dirs, tiles = (L + TILE - 1) / TILE, row = R + 2 * N;
+    const int64_t nb = (s->dim + W - 1) / W, per = 5 * N + 2 * R + 1;
+    const float *u = s->u + b * s->u_batch, *cadd = s->cadd ? s->cadd + b * s->c_batch : 0;
+    const float *proj = s->proj + b * s->x_batch + k * s->x_dir, *dyb = s->dy + b * L * s->dim;
+    float *dub = s->du + (b * K + k) * L * s->dim, *dpb = s->dproj + (b * L * K + k) * row;
     vf dt[TILE], x[TILE], us[TILE], slope[TILE], dy[TILE];
     float Bt[TILE * N], Ct[TILE * N], lows[TILE * R];
-    int64_t pos[TILE];
-    for (int64_t i = 0; i < tiles; i++) {
-        const int64_t l0 = i * TILE, T = L - l0 < TILE ? L - l0 : TILE;
-        memcpy(starts + i * N, h, N * sizeof(vf));
-        tile_positions(s, b, k, l0, T, pos);
-        if (gather_tile(N, s, &f, wdt, pos, l0, T, dt, x, Bt, Ct, 0, 0, 0))
-            scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, 0, 0, 0);
-        else
-            scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, 0, 0, 0);
+    int64_t pos[TILE], next[TILE];
+    for (int64_t j = 0; j < nb; j++) {
+        vf *v = vecs + j * per;
+        cb[j] = block_setup(N, s, k, j * W, v, v + 5 * N, v + N);
+        for (int64_t i = 2 * N; i < 5 * N; i++) v[i] = splat(0.0f); /* state, adjoint, dA */
+        for (int64_t i = 5 * N + R; i < per; i++) v[i] = splat(0.0f); /* dwdt, dbias */
     }
-    const float *dyb = s->dy + b * L * s->dim + d0;
-    float *dub = s->du + (b * K + k) * L * s->dim + d0, *dpb = s->dproj + (b * L * K + k) * row;
+    for (int64_t p = 0; p < L; p++) memset(dpb + p * K * row, 0, row * sizeof(float));
+    /* forward: the state at every tile start */
+    tile_positions(s, b, k, 0, TILE_LEN(0), next);
+    for (int64_t i = 0; i < tiles; i++) {
+        const int64_t l0 = i * TILE, T = TILE_LEN(l0), next_T = i + 1 < tiles ? TILE_LEN(l0 + T) : 0;
+        memcpy(pos, next, T * sizeof *pos);
+        if (next_T) tile_positions(s, b, k, l0 + T, next_T, next);
+        gather_rows(N, s, proj, cadd ? cadd + l0 * s->c_step : 0, pos, T, Bt, Ct, lows, next_T ? next : 0, next_T,
+                    0, 0);
+        for (int64_t j = 0; j < nb; j++) {
+            vf *a2 = vecs + j * per, *h = a2 + 2 * N, *wdt = a2 + 5 * N;
+            const pass_ref pf = next_pass(j, nb, 0, pos, T, next_T ? next : 0, next_T);
+            memcpy(starts + (j * tiles + i) * N, h, N * sizeof(vf));
+            if (block_tile(s, &cb[j], wdt, u, pos, lows, T, dt, x, 0, 0, &pf))
+                scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, 0, 0, 0);
+            else
+                scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, 0, 0, 0);
+        }
+    }
+    /* backward, tiles last to first */
+    tile_positions(s, b, k, (tiles - 1) * TILE, TILE_LEN((tiles - 1) * TILE), next);
     for (int64_t i = tiles - 1; i >= 0; i--) {
-        const int64_t l0 = i * TILE, T = L - l0 < TILE ? L - l0 : TILE;
-        tile_positions(s, b, k, l0, T, pos);
-        memcpy(h, starts + i * N, N * sizeof(vf));
-        if (gather_tile(N, s, &f, wdt, pos, l0, T, dt, x, Bt, Ct, us, lows, slope))
-            scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, 0, as, hs);
-        else
-            scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, 0, as, hs);
-        for (int64_t t = 0; t < T; t++) dy[t] = load_lanes(dyb + pos[t] * s->dim, lanes);
-        for (int64_t t = T - 1; t >= 0; t--) {
-            const vf d = dt[t], xv = x[t], dyv = dy[t];
-            const float *bt = Bt + t * N, *ct = Ct + t * N;
-            float *dp = dpb + pos[t] * K * row; /* this position's dt_low, B, C gradients of direction k */
-            const vf *hprev = t > 0 ? hs + (t - 1) * N : starts + i * N;
-            vf dx = splat(0.0f), ddt = splat(0.0f);
-            for (int64_t n = 0; n < N; n++) {
-                const vf gn = gs[n] + dyv * ct[n]; /* dL/dh[t] */
-                dp[R + N + n] += lane_sum(dyv * hs[t * N + n]);
-                dp[R + n] += lane_sum(gn * xv);
-                dx += gn * bt[n];
-                const vf da = gn * hprev[n] * as[t * N + n]; /* dL/d(dt A) */
-                dA[n] += da * d;
-                ddt += da * A[n];
-                gs[n] = gn * as[t * N + n];
+        const int64_t l0 = i * TILE, T = TILE_LEN(l0), next_T = i > 0 ? TILE : 0; /* the previous tile is full */
+        memcpy(pos, next, T * sizeof *pos);
+        if (next_T) tile_positions(s, b, k, l0 - TILE, TILE, next);
+        gather_rows(N, s, proj, cadd ? cadd + l0 * s->c_step : 0, pos, T, Bt, Ct, lows, next_T ? next : 0, next_T,
+                    dpb, K * row);
+        for (int64_t j = 0; j < nb; j++) {
+            vf *a2 = vecs + j * per, *A = a2 + N, *h = a2 + 2 * N, *gs = a2 + 3 * N, *dA = a2 + 4 * N;
+            vf *wdt = a2 + 5 * N, *dw = wdt + R, *dbias = dw + R;
+            const chan_block *c = &cb[j];
+            const vf *start = starts + (j * tiles + i) * N;
+            const pass_ref pf = next_pass(j, nb, 0, pos, T, next_T ? next : 0, next_T);
+            memcpy(h, start, N * sizeof(vf));
+            if (block_tile(s, c, wdt, u, pos, lows, T, dt, x, us, slope, &pf))
+                scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, 0, as, hs);
+            else
+                scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, 0, as, hs);
+            for (int64_t t = 0; t < T; t++) {
+                prefetch_step(&pf, t, dyb, s->dim, 0);
+                prefetch_step(&pf, t, dub, s->dim, 1);
+                dy[t] = load_lanes(dyb + pos[t] * s->dim + c->d0, c->lanes);
             }
-            store_lanes(dub + pos[t] * s->dim, dx * d, lanes, 0);
-            const vf dd = (ddt + dx * us[t]) * slope[t]; /* dL/d delta */
-            dbias += dd;
-            for (int64_t r = 0; r < R; r++) {
-                dw[r] += dd * lows[t * R + r];
-                dp[r] += lane_sum(dd * wdt[r]);
+            for (int64_t t = T - 1; t >= 0; t--) {
+                const vf d = dt[t], xv = x[t], dyv = dy[t];
+                const float *bt = Bt + t * N, *ct = Ct + t * N;
+                float *dp = dpb + pos[t] * K * row; /* this position's dt_low, B, C gradients of direction k */
+                const vf *hprev = t > 0 ? hs + (t - 1) * N : start;
+                vf dx = splat(0.0f), ddt = splat(0.0f);
+                for (int64_t n = 0; n < N; n++) {
+                    const vf gn = gs[n] + dyv * ct[n]; /* dL/dh[t] */
+                    dp[R + N + n] += lane_sum(dyv * hs[t * N + n]);
+                    dp[R + n] += lane_sum(gn * xv);
+                    dx += gn * bt[n];
+                    const vf da = gn * hprev[n] * as[t * N + n]; /* dL/d(dt A) */
+                    dA[n] += da * d;
+                    ddt += da * A[n];
+                    gs[n] = gn * as[t * N + n];
+                }
+                store_lanes(dub + pos[t] * s->dim + c->d0, dx * d, c->lanes, 0);
+                const vf dd = (ddt + dx * us[t]) * slope[t]; /* dL/d delta */
+                *dbias += dd;
+                for (int64_t r = 0; r < R; r++) {
+                    dw[r] += dd * lows[t * R + r];
+                    dp[r] += lane_sum(dd * wdt[r]);
+                }
             }
         }
     }
-    for (int64_t w = 0; w < lanes; w++) {
-        const int64_t c = f.row + w; /* (direction, channel) row */
-        for (int64_t n = 0; n < N; n++) s->dA[(b * K * s->dim + c) * N + n] = dA[n][w];
-        for (int64_t r = 0; r < R; r++) s->dwdt[(b * K * s->dim + c) * R + r] = dw[r][w];
-        s->dbias[b * K * s->dim + c] = dbias[w];
+    for (int64_t j = 0; j < nb; j++) {
+        const vf *dA = vecs + j * per + 4 * N, *dw = vecs + j * per + 5 * N + R, *dbias = dw + R;
+        for (int64_t w = 0; w < cb[j].lanes; w++) {
+            const int64_t ch = (b * K + k) * s->dim + cb[j].d0 + w; /* (batch, direction, channel) row */
+            for (int64_t n = 0; n < N; n++) s->dA[ch * N + n] = dA[n][w];
+            for (int64_t r = 0; r < R; r++) s->dwdt[ch * R + r] = dw[r][w];
+            s->dbias[ch] = (*dbias)[w];
+        }
     }
 }
 
-/* Forward work units: blocks of up to W channels of one batch element; each runs every direction in
- * turn, so that the directions' outputs are summed into y in a fixed order without races. */
-void mambair_fused_forward(const fused_args *s, int64_t *next, int64_t count) {
-    const int64_t per = (s->dim + W - 1) / W;
-    FOR_EACH_UNIT(unit, next, count) {
-        const int64_t b = unit / per, d0 = unit % per * W, lanes = s->dim - d0 < W ? s->dim - d0 : W;
-        for (int64_t k = 0; k < s->dirs; k++) {
-            switch (s->n) { /* constant N: the states stay in registers (MambaIR: 16; light SR: 10) */
-            case 16: fused_forward_block(16, s, b, k, d0, lanes); break;
-            case 10: fused_forward_block(10, s, b, k, d0, lanes); break;
-            default: fused_forward_block(s->n, s, b, k, d0, lanes);
+/* Forward work units: `unit_blocks` channel blocks of one batch element (a thread's share; the result
+ * does not depend on the split). Returns 0, or -1 when out of memory. */
+int mambair_fused_forward(const fused_args *s, int64_t *next, int64_t count) {
+    const int64_t N = s->n, nb = (s->dim + W - 1) / W, per_batch = (nb + s->unit_blocks - 1) / s->unit_blocks;
+    chan_block *cb = aligned_alloc(sizeof(vf), s->unit_blocks * sizeof(chan_block));
+    vf *vecs = aligned_alloc(sizeof(vf), s->unit_blocks * (2 * N + s->r) * sizeof(vf));
+    const int ok = cb && vecs;
+    if (ok) {
+        FOR_EACH_UNIT(unit, next, count) {
+            const int64_t b = unit / per_batch, j0 = unit % per_batch * s->unit_blocks;
+            const int64_t j1 = j0 + s->unit_blocks < nb ? j0 + s->unit_blocks : nb;
+            switch (N) { /* constant N: the states stay in registers (MambaIR: 16; light SR: 10) */
+            case 16: forward_unit(16, s, b, j0, j1, cb, vecs); break;
+            case 10: forward_unit(10, s, b, j0, j1, cb, vecs); break;
+            default: forward_unit(N, s, b, j0, j1, cb, vecs);
             }
         }
     }
+    free(cb);
+    free(vecs);
+    return ok ? 0 : -1;
 }
 
 /* Backward work units: the batch * K (batch element, direction) pairs, so that the blocks adding into the
  * same positions of dproj run one after another (each direction's du has its own slice for the same
  * reason). Returns 0, or -1 when out of memory. */
 int mambair_fused_backward(const fused_args *s, int64_t *next, int64_t count) {
-    const int64_t N = s->n, L = s->length, K = s->dirs, row = s->r + 2 * N, tiles = (L + TILE - 1) / TILE;
-    vf *starts = aligned_alloc(sizeof(vf), tiles * N * sizeof(vf));
+    const int64_t N = s->n, R = s->r, nb = (s->dim + W - 1) / W, tiles = (s->length + TILE - 1) / TILE;
+    chan_block *cb = aligned_alloc(sizeof(vf), nb * sizeof(chan_block));
+    vf *vecs = aligned_alloc(sizeof(vf), nb * (5 * N + 2 * R + 1) * sizeof(vf));
+    vf *starts = aligned_alloc(sizeof(vf), nb * tiles * N * sizeof(vf));
     vf *as = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf)), *hs = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf));
-    const int ok = starts && as && hs;
+    const int ok = cb && vecs && starts && as && hs;
     if (ok) {
         FOR_EACH_UNIT(unit, next, count) {
-            const int64_t b = unit / K, k = unit % K;
-            for (int64_t p = 0; p < L; p++) memset(s->dproj + ((b * L + p) * K + k) * row, 0, row * sizeof(float));
-            for (int64_t d0 = 0; d0 < s->dim; d0 += W) {
-                const int64_t lanes = s->dim - d0 < W ? s->dim - d0 : W;
-                switch (N) {
-                case 16: fused_backward_block(16, s, b, k, d0, lanes, starts, as, hs); break;
-                case 10: fused_backward_block(10, s, b, k, d0, lanes, starts, as, hs); break;
-                default: fused_backward_block(N, s, b, k, d0, lanes, starts, as, hs);
-                }
+            const int64_t b = unit / s->dirs, k = unit % s->dirs;
+            switch (N) {
+            case 16: backward_unit(16, s, b, k, cb, vecs, starts, as, hs); break;
+            case 10: backward_unit(10, s, b, k, cb, vecs, starts, as, hs); break;
+            default: backward_unit(N, s, b, k, cb, vecs, starts, as, hs);
             }
         }
     }
+    free(cb);
+    free(vecs);
     free(starts);
     free(as);
     free(hs);
