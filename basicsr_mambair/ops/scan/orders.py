@@ -42,7 +42,7 @@ def ordered_scan(u: Tensor, proj: Tensor, dt_weight: Tensor, dt_bias: Tensor | N
         proj: (batch, P, K, R + 2N): per position and direction, dt_low (R), B (N) and C (N).
         dt_weight: (K, dim, R): delta of direction k = dt_weight[k] @ dt_low (before bias and softplus).
         dt_bias: (K, dim) or None; A: (K * dim, N); D: (K * dim,) or None.
-        positions: (K, L) or (batch, K, L) int64: the position of step t of direction k.
+        positions: (K, L), (1, K, L) or (batch, K, L) int64: the position of step t of direction k.
         c_add: (batch, L, N) or None, added to C at step t (not position): MambaIRv2's prompt.
         delta_softplus: softplus on delta + bias.
         scan: a flat scan with the signature of ``selective_scan`` (default: the sequential reference).
@@ -52,7 +52,7 @@ def ordered_scan(u: Tensor, proj: Tensor, dt_weight: Tensor, dt_bias: Tensor | N
     """
     batch, _, dim = u.shape
     k_dirs, rank, n = proj.shape[2], dt_weight.shape[-1], A.shape[1]
-    index = positions.expand(batch, -1, -1) if positions.dim() == 2 else positions  # (batch, K, L)
+    index = (positions if positions.dim() == 3 else positions[None]).expand(batch, -1, -1)  # (batch, K, L)
     length = index.shape[-1]
     flat = index.reshape(batch, k_dirs * length, 1)
     us = u.gather(1, flat.expand(-1, -1, dim)).view(batch, k_dirs, length, dim)
