@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .inference import forward_tiled
+from .ops.scan import uses_fused_kernel
 
 __all__ = ['ImageError', 'OutOfMemory', 'RestoreError', 'RestoreModel', 'activation_bytes_per_pixel',
            'available_memory', 'choose_tile', 'load_model', 'resolve_device', 'restore']
@@ -55,6 +56,10 @@ SUPPORTED_ARCHS = ('MambaIR', 'MambaIRUNet')
 # (30 values) bounds each measurement by 22-43 %; the SR head's HR features are added on top (they peak
 # after the body has freed).
 BYTES_PER_INNER_CHANNEL = 120
+# With SS2D's fused CPU scan (ops/scan/fused.py; what a CPU float32 forward runs where the C kernel builds)
+# none of the four directions is copied: measured the same way, 18-30 bytes per inner channel (lightSR 21-26,
+# colorDN 29, classicSR x2 18, realDN 30; classicSR x4 6, its head dominates). 34 bounds them by 13-85 %.
+BYTES_PER_INNER_CHANNEL_FUSED = 34
 # The pure-PyTorch scan's work buffers (a few groups of GROUP_ELEMS float32 values) do not grow with the
 # tile; measured intercepts were 1-10 MB. 32 MiB covers them.
 FIXED_BYTES = 32 << 20
@@ -283,21 +288,23 @@ def load_model(weights: str | os.PathLike | Mapping[str, torch.Tensor], task: st
 # Memory and tiles
 
 
-def activation_bytes_per_pixel(arch_type: str, kwargs: Mapping[str, Any]) -> int:
+def activation_bytes_per_pixel(arch_type: str, kwargs: Mapping[str, Any], fused_scan: bool = False) -> int:
     """Estimated peak activation memory of a float32 forward per LQ pixel (bytes); see ``BYTES_PER_INNER_CHANNEL``.
 
     MambaIR: ``120 * int(mlp_ratio * embed_dim)``, plus the HR head (pixelshuffle: 64 features, twice, per
     HR pixel). MambaIRUNet: ``120 * int(mlp_ratio * 2 * dim)`` (its full-resolution decoder) plus the
-    encoder skip (``dim`` values).
+    encoder skip (``dim`` values). ``fused_scan``: SS2D runs the fused CPU kernel
+    (:func:`~basicsr_mambair.ops.scan.uses_fused_kernel`), ``BYTES_PER_INNER_CHANNEL_FUSED`` instead of 120.
     """
+    per_channel = BYTES_PER_INNER_CHANNEL_FUSED if fused_scan else BYTES_PER_INNER_CHANNEL
     if arch_type == 'MambaIR':
         d_inner = int(float(kwargs.get('mlp_ratio', 2.0)) * int(kwargs.get('embed_dim', 96)))
         scale = _network_scale(arch_type, kwargs)
         head_channels = {'pixelshuffle': 2 * 64, 'pixelshuffledirect': 2 * int(kwargs.get('in_chans', 3))}
         head = 4 * scale ** 2 * head_channels.get(kwargs.get('upsampler') or '', 0)
-        return BYTES_PER_INNER_CHANNEL * d_inner + head
+        return per_channel * d_inner + head
     dim = int(kwargs.get('dim', 48))
-    return BYTES_PER_INNER_CHANNEL * int(float(kwargs.get('mlp_ratio', 2.0)) * 2 * dim) + 4 * dim
+    return per_channel * int(float(kwargs.get('mlp_ratio', 2.0)) * 2 * dim) + 4 * dim
 
 
 def measure_peak_bytes(net: nn.Module, channels: int, side: int) -> int:
@@ -377,7 +384,9 @@ def choose_tile(model: RestoreModel, height: int, width: int, overlap: int = 32,
     """
     if available is None:
         available = available_memory(model.device)
-    per_pixel = activation_bytes_per_pixel(model.arch_type, model.kwargs)
+    # the scan computes in float32 at every precision
+    fused = uses_fused_kernel(model.device, torch.float32)
+    per_pixel = activation_bytes_per_pixel(model.arch_type, model.kwargs, fused)
     budget = int(available * MEMORY_FRACTION.get(model.device.type, 0.5)) - FIXED_BYTES \
         - _image_bytes(model, height, width)
     if height * width * per_pixel <= budget:

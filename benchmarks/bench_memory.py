@@ -3,7 +3,8 @@
 The peak bytes allocated during a forward (``torch.profiler`` memory events) at two input sizes
 give the growth per pixel (the slope) and the fixed part (the intercept); ``mambair-restore
 --tile auto`` plans with :func:`basicsr_mambair.restoration.activation_bytes_per_pixel`, which should
-lie a little above the slope.
+lie a little above the slope. Both depend on the scan backend (``MAMBAIR_SCAN``): the fused CPU scan of
+``auto`` needs about a quarter of what the others do.
 
     python benchmarks/bench_memory.py [--sides 48 96]
 """
@@ -15,6 +16,7 @@ import os
 
 import torch
 
+from basicsr_mambair.ops.scan import uses_fused_kernel
 from basicsr_mambair.presets import get_preset
 from basicsr_mambair.restoration import activation_bytes_per_pixel, measure_peak_bytes
 
@@ -39,7 +41,8 @@ def main() -> None:
         fixed = peaks[small] - slope * small ** 2
         width = preset.kwargs.get('embed_dim') or 2 * preset.kwargs['dim']
         d_inner = int(float(preset.kwargs.get('mlp_ratio', 2.0)) * width)
-        estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs)
+        fused = uses_fused_kernel(torch.device('cpu'), torch.float32)
+        estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs, fused)
         print(f'| {name} | {d_inner} | {slope / 1000:.1f} | {fixed / 1e6:.1f} | {estimate / 1000:.1f} |', flush=True)
 
 

@@ -18,9 +18,11 @@ from conftest import REFERENCE_FILES, arch_class, constructor_args, run_cli
 import basicsr_mambair  # noqa: F401  (registers the archs; before `import basicsr`)
 from basicsr_mambair import restore_cli
 from basicsr_mambair.inference import forward_tiled
+from basicsr_mambair.ops.scan import compiled, scan_backend, uses_fused_kernel
 from basicsr_mambair.presets import PRESETS
 from basicsr_mambair.restoration import (
     BYTES_PER_INNER_CHANNEL,
+    BYTES_PER_INNER_CHANNEL_FUSED,
     FIXED_BYTES,
     OutOfMemory,
     activation_bytes_per_pixel,
@@ -423,13 +425,16 @@ def test_bf16_on_the_cpu_keeps_the_scan_in_float32(checkpoints, images: Path, mo
     _, net = checkpoints('lightSR_x2')
     image = cv2.imread(str(images / 'sr' / 'baby.png'))
     full = restore(load_model(net.state_dict(), device='cpu'), image, bgr=True)
-    scan, dtypes = ss2d.selective_scan, set()
+    dtypes = set()
 
-    def recording(u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        dtypes.add(u.dtype)
-        return scan(u, *args, **kwargs)
+    def recording(scan):
+        def call(u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            dtypes.add(u.dtype)
+            return scan(u, *args, **kwargs)
+        return call
 
-    monkeypatch.setattr(ss2d, 'selective_scan', recording)
+    for name in ('selective_scan', 'scan_cross'):  # the unfused and the fused scan
+        monkeypatch.setattr(ss2d, name, recording(getattr(ss2d, name)))
     half = restore(load_model(net.state_dict(), device='cpu', precision='bf16'), image, bgr=True)
     assert dtypes == {torch.float32}
     assert half.dtype == np.uint8 and half.shape == full.shape
@@ -496,15 +501,20 @@ def test_forward_tiled_progress_is_optional() -> None:
 # ------------------------------------------------------------------------------------------- automatic tiles
 
 
+@pytest.mark.parametrize('backend', ['auto', 'torch'])
 @pytest.mark.parametrize('name', ['lightSR_x2', 'realDN'])
-def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
-    """Per pixel, the estimate is between 1x and 2x the measured growth of the peak; the fixed part is covered."""
+def test_memory_estimate_bounds_the_measured_peak(name: str, backend: str) -> None:
+    """Per pixel, the estimate is between 1x and 2x the measured growth of the peak; the fixed part is covered.
+    With the fused CPU scan (auto, where the kernel builds) and without it (torch)."""
     preset = PRESETS[name]
     net = make_net(name)
     small, large = 48, 96
-    peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
+    with scan_backend(backend):
+        peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
+        fused = uses_fused_kernel(torch.device('cpu'), torch.float32)
+    assert fused == (backend == 'auto' and compiled.unavailable_reason() is None)
     per_pixel = (peaks[large] - peaks[small]) / (large ** 2 - small ** 2)
-    estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs)
+    estimate = activation_bytes_per_pixel(preset.arch_type, preset.kwargs, fused)
     assert per_pixel <= estimate <= 2 * per_pixel, (per_pixel, estimate)
     assert peaks[small] - per_pixel * small ** 2 <= FIXED_BYTES  # scan work buffers and the like
 
@@ -512,8 +522,9 @@ def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
 def test_choose_tile_fits_the_memory(checkpoints) -> None:
     _, net = checkpoints('lightSR_x2')
     model = load_model(net.state_dict(), device='cpu')
-    per_pixel = activation_bytes_per_pixel('MambaIR', model.kwargs)
-    assert per_pixel == BYTES_PER_INNER_CHANNEL * 72 + 4 * 4 * 2 * 3
+    fused = uses_fused_kernel(model.device, torch.float32)
+    per_pixel = activation_bytes_per_pixel('MambaIR', model.kwargs, fused)
+    assert per_pixel == (BYTES_PER_INNER_CHANNEL_FUSED if fused else BYTES_PER_INNER_CHANNEL) * 72 + 4 * 4 * 2 * 3
     assert choose_tile(model, 500, 400, available=64 << 30) == 0  # fits: whole image
     tile = choose_tile(model, 2000, 3000, available=4 << 30)
     assert tile % 8 == 0 and 64 <= tile < 2000
