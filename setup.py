@@ -37,7 +37,7 @@ setup(
         # The official CUDA selective-scan kernel; needs a CUDA toolchain (see README).
         'cuda': ['mamba-ssm>=1.0.1', 'causal-conv1d>=1.0.0'],
         'test': ['pytest>=7', 'ruff'],
-        'bench': ['mambapy'],
+        'bench': ['mambapy', 'spandrel'],  # spandrel: SwinIR for benchmarks/bench_models.py
     },
     entry_points={
         'console_scripts': [
