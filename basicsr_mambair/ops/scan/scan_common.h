@@ -36,11 +36,21 @@ INLINE vf exp2_reduced(vf f) {
 #define ROUNDER (12582912.0f + 127.0f)
 
 /* 2^p for p in [-125, 127] (no range checks; the caller makes sure) */
+#if defined(__AVX512F__) && W == 16
+#include <immintrin.h>
+/* The same values (k = p rounded to nearest, 2^f scaled exactly by 2^k) in two instructions fewer:
+ * this is the innermost operation of every scan step, so on AVX-512 it is worth its own version. */
+INLINE vf exp2_fast(vf p) {
+    const __m512 k = _mm512_roundscale_ps((__m512)p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (vf)_mm512_scalef_ps((__m512)exp2_reduced(p - (vf)k), k);
+}
+#else
 INLINE vf exp2_fast(vf p) {
     vf t = p + ROUNDER;
     vf k = t - ROUNDER;
     return exp2_reduced(p - k) * (vf)((vi)t << 23);
 }
+#endif
 
 /* 2^p for any p: 0 below -126 (where float32 would be subnormal), inf from 128 on, NaN stays NaN.
  * 2^k must stay <= 2^127 for the exponent-field trick, so p in (127, 128] is done as 2^(p-1) * 2. */
