@@ -27,8 +27,13 @@ NUM_FEAT = 64  # width of the classic-SR reconstruction head
 
 
 def tokens_to_map(x: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
-    """(B, H*W, C) row-major tokens -> (B, C, H, W) (a view when possible)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x_size[0], x_size[1])
+    """(B, H*W, C) row-major tokens -> (B, C, H, W), a channels-last view of contiguous tokens.
+
+    Built as (B, H, W, C) permuted, so that its strides are the canonical channels-last ones also for B = 1
+    (``transpose(1, 2).reshape(...)`` gives batch stride C there, and PyTorch's convolutions then take
+    the map for NCHW and return NCHW, which every later token view has to copy back).
+    """
+    return x.reshape(x.shape[0], x_size[0], x_size[1], x.shape[2]).permute(0, 3, 1, 2)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +249,9 @@ class MambaIR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) in [0, 1] -> (B, in_chans, upscale*H, upscale*W) (not clamped)."""
         mean = self.mean.to(x)
-        x = (x - mean) * self.img_range
+        # Channels-last from the start (a copy of the small input): the first conv's features then are
+        # tokens already, and the body runs in one layout.
+        x = ((x - mean) * self.img_range).contiguous(memory_format=torch.channels_last)
         if self.upsampler == 'pixelshuffle':
             f = self.conv_first(x)
             f = self.conv_after_body(self.forward_features(f)) + f
@@ -257,4 +264,4 @@ class MambaIR(nn.Module):
             # Denoising / CAR: global residual on the *normalised* input.
             f = self.conv_first(x)
             x = x + self.conv_last(self.conv_after_body(self.forward_features(f)) + f)
-        return x / self.img_range + mean
+        return (x / self.img_range + mean).contiguous()  # the usual NCHW layout for the caller
