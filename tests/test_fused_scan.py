@@ -194,6 +194,8 @@ def test_cross_scan_refuses_bad_shapes_in_one_line():
         with pytest.raises(ValueError, match='scan_cross') as info:
             fused_cross(dict(t, **{name: value}))
         assert '\n' not in str(info.value)
+    with pytest.raises(ValueError, match='CPU tensors only'):  # a device pointer must never reach the C code
+        fused_cross(dict(t, u=t['u'].to('meta')))
 
 
 # ------------------------------------------------------------------------------------------------

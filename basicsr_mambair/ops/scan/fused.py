@@ -17,6 +17,7 @@ kernel's self-check (:func:`.compiled.load`) that covers these entry points.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Tuple
 
 import torch
@@ -81,6 +82,8 @@ class _Call:
         """y (batch, P, dim) float32: the directions' outputs with D u, summed."""
         batch, positions, dim = self.shape
         y = torch.empty(batch, positions, dim)
+        if not y.numel():
+            return y
         self.set(y=y)
         # A work unit is a range of channel blocks of one batch element: the whole element where the batch
         # gives every thread work (the kernel reuses each position's rows across blocks), else split.
@@ -98,15 +101,16 @@ class _Call:
         dwdt (K, dim, R), dbias (K, dim) and dA (K * dim, N) summed over the batch."""
         batch, positions, dim = self.shape
         k_dirs, n, rank = self.dirs, self.n, self.rank
-        grads = {'du': torch.empty(batch, k_dirs, positions, dim),
-                 'dproj': torch.empty(batch, positions, k_dirs, rank + 2 * n),
-                 'dwdt': torch.empty(batch, k_dirs, dim, rank), 'dbias': torch.empty(batch, k_dirs, dim),
-                 'dA': torch.empty(batch, k_dirs * dim, n)}
-        self.set(dy=dy.float().contiguous(), **grads)
-        status = compiled.parallel(self.lib.mambair_fused_backward, batch * k_dirs, ctypes.byref(self.args),
-                                   elems=self.elems)
-        if any(status):
-            raise MemoryError('fused selective scan backward: no memory for its per-thread buffers')
+        new = torch.empty if self.elems else torch.zeros  # nothing to scan: zero gradients
+        grads = {'du': new(batch, k_dirs, positions, dim), 'dproj': new(batch, positions, k_dirs, rank + 2 * n),
+                 'dwdt': new(batch, k_dirs, dim, rank), 'dbias': new(batch, k_dirs, dim),
+                 'dA': new(batch, k_dirs * dim, n)}
+        if self.elems:
+            self.set(dy=dy.float().contiguous(), **grads)
+            status = compiled.parallel(self.lib.mambair_fused_backward, batch * k_dirs, ctypes.byref(self.args),
+                                       elems=self.elems)
+            if any(status):
+                raise MemoryError('fused selective scan backward: no memory for its per-thread buffers')
         return grads['du'], grads['dproj'], grads['dwdt'].sum(0), grads['dbias'].sum(0), grads['dA'].sum(0)
 
 
@@ -141,6 +145,9 @@ class _FusedScan(torch.autograd.Function):
 
 def _scan(u: Tensor, proj: Tensor, wdt: Tensor, bias: Tensor | None, A: Tensor, D: Tensor | None,
           cadd: Tensor | None, perm: Tensor | None, height: int, width: int, softplus: bool) -> Tensor:
+    devices = {t.device.type for t in (u, proj, wdt, bias, A, D, cadd, perm) if t is not None}
+    if devices != {'cpu'}:
+        raise ValueError(f'the fused scan runs on CPU tensors only; got tensors on {sorted(devices)}')
     lib = compiled.load()
     if needs_graph(u, proj, wdt, bias, A, D, cadd):
         return _FusedScan.apply(u, proj, wdt, bias, A, D, cadd, perm, height, width, softplus)
@@ -181,13 +188,14 @@ def scan_cross(u: Tensor, proj: Tensor, dt_weight: Tensor, dt_bias: Tensor | Non
         raise ValueError(f'scan_cross: u must be (batch, H, W, dim); got {tuple(u.shape)}')
     batch, height, width, dim = u.shape
     k_dirs = NUM_CROSS_DIRECTIONS
-    if proj.shape[:3] != u.shape[:3] or proj.dim() not in (4, 5) or proj[0, 0, 0].numel() % k_dirs:
+    width_proj = math.prod(proj.shape[3:])
+    if proj.shape[:3] != u.shape[:3] or proj.dim() not in (4, 5) or width_proj % k_dirs:
         raise ValueError(f'scan_cross: proj must be (batch, H, W, 4 * (R + 2N)) for u {tuple(u.shape)}; got '
                          f'{tuple(proj.shape)}')
-    _check_parameters('scan_cross', dim, k_dirs, proj[0, 0, 0].numel() // k_dirs, dt_weight, dt_bias, A, D)
+    _check_parameters('scan_cross', dim, k_dirs, width_proj // k_dirs, dt_weight, dt_bias, A, D)
     length = height * width
-    y = _scan(u.reshape(batch, length, dim), proj.reshape(batch, length, k_dirs, -1), dt_weight, dt_bias, A, D,
-              None, None, height, width, delta_softplus)
+    y = _scan(u.reshape(batch, length, dim), proj.reshape(batch, length, k_dirs, width_proj // k_dirs), dt_weight,
+              dt_bias, A, D, None, None, height, width, delta_softplus)
     return y.view(batch, height, width, dim)
 
 
