@@ -64,7 +64,7 @@ class FusedArgs(ctypes.Structure):
                 [(k, ctypes.c_int64) for k in ('batch', 'dim', 'n', 'r', 'dirs', 'length', 'height', 'width', 'order',
                                                'softplus', 'u_batch', 'u_pos', 'x_batch', 'x_pos', 'x_dir',
                                                'c_batch', 'c_step', 'unit_blocks')] +
-                [(k, ctypes.c_void_p) for k in ('dy', 'du', 'dproj', 'dwdt', 'dbias', 'dA')])
+                [(k, ctypes.c_void_p) for k in ('starts', 'dy', 'du', 'dproj', 'dwdt', 'dbias', 'dA')])
 
 
 _lib: ctypes.CDLL | None = None
@@ -200,6 +200,8 @@ def load() -> ctypes.CDLL:
             lib.mambair_fused_forward.restype = ctypes.c_int
             lib.mambair_fused_backward.argtypes = [fused_args, *counter]
             lib.mambair_fused_backward.restype = ctypes.c_int
+            lib.mambair_fused_starts_size.argtypes = [fused_args]
+            lib.mambair_fused_starts_size.restype = ctypes.c_int64
             _self_check(lib)
             _lib = lib
         except KernelUnavailable as exc:

@@ -78,12 +78,16 @@ class _Call:
             setattr(self, f'_{name}', t)
             setattr(self.args, name, compiled.ptr(t))
 
-    def forward(self) -> Tensor:
-        """y (batch, P, dim) float32: the directions' outputs with D u, summed."""
+    def forward(self, save_starts: bool = False) -> Tensor:
+        """y (batch, P, dim) float32: the directions' outputs with D u, summed. ``save_starts``: also keep
+        the state at every tile start in ``self.starts`` (the backward's input; about N * K / 64 floats per
+        input value)."""
         batch, positions, dim = self.shape
         y = torch.empty(batch, positions, dim)
         if not y.numel():
             return y
+        if save_starts:
+            self.set(starts=torch.empty(self.lib.mambair_fused_starts_size(ctypes.byref(self.args))))
         self.set(y=y)
         # A work unit is a range of channel blocks of one batch element: the whole element where the batch
         # gives every thread work (the kernel reuses each position's rows across blocks), else split.
@@ -96,9 +100,14 @@ class _Call:
             raise MemoryError('fused selective scan: no memory for its per-thread buffers')
         return y
 
-    def backward(self, dy: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    @property
+    def starts(self) -> Tensor | None:
+        return getattr(self, '_starts', None)
+
+    def backward(self, dy: Tensor, starts: Tensor | None = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """du (batch, K, P, dim) per direction without the D term; dproj (batch, P, K, R + 2N);
-        dwdt (K, dim, R), dbias (K, dim) and dA (K * dim, N) summed over the batch."""
+        dwdt (K, dim, R), dbias (K, dim) and dA (K * dim, N) summed over the batch. ``starts``: those of a
+        forward with the same inputs (default: this call's own)."""
         batch, positions, dim = self.shape
         k_dirs, n, rank = self.dirs, self.n, self.rank
         new = torch.empty if self.elems else torch.zeros  # nothing to scan: zero gradients
@@ -106,7 +115,10 @@ class _Call:
                  'dwdt': new(batch, k_dirs, dim, rank), 'dbias': new(batch, k_dirs, dim),
                  'dA': new(batch, k_dirs * dim, n)}
         if self.elems:
-            self.set(dy=dy.float().contiguous(), **grads)
+            starts = self.starts if starts is None else starts
+            if starts is None or starts.data_ptr() % 64:  # the kernel loads them as aligned vectors
+                raise ValueError('fused scan backward: needs the 64-byte aligned tile starts of its forward')
+            self.set(starts=starts, dy=dy.float().contiguous(), **grads)
             status = compiled.parallel(self.lib.mambair_fused_backward, batch * k_dirs, ctypes.byref(self.args),
                                        elems=self.elems)
             if any(status):
@@ -115,21 +127,24 @@ class _Call:
 
 
 class _FusedScan(torch.autograd.Function):
-    """y of :class:`_Call` with the kernel's backward; D and the C addend get theirs here."""
+    """y of :class:`_Call` with the kernel's backward (from the tile starts its forward saved); D and the C
+    addend get theirs here."""
 
     @staticmethod
     def forward(ctx, u: Tensor, proj: Tensor, wdt: Tensor, bias: Tensor | None, A: Tensor, D: Tensor | None,
                 cadd: Tensor | None, perm: Tensor | None, height: int, width: int, softplus: bool) -> Tensor:
-        ctx.save_for_backward(u, proj, wdt, bias, A, D, cadd, perm)
+        call = _Call(compiled.load(), u, proj, wdt, bias, A, D, cadd, perm, height, width, softplus)
+        y = call.forward(save_starts=True)
+        ctx.save_for_backward(u, proj, wdt, bias, A, D, cadd, perm, call.starts)
         ctx.config = height, width, softplus
-        return _Call(compiled.load(), u, proj, wdt, bias, A, D, cadd, perm, height, width, softplus).forward()
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        u, proj, wdt, bias, A, D, cadd, perm = ctx.saved_tensors
+        u, proj, wdt, bias, A, D, cadd, perm, starts = ctx.saved_tensors
         call = _Call(compiled.load(), u, proj, wdt, bias, A, D, cadd, perm, *ctx.config)
         dy = dy.float().contiguous()
-        du, dproj, dwdt, dbias, dA = call.backward(dy)
+        du, dproj, dwdt, dbias, dA = call.backward(dy, starts)
         du = du.sum(1)
         dD = None
         if D is not None:  # every direction adds D_k u at the same positions
@@ -255,7 +270,7 @@ def check_kernel(lib: ctypes.CDLL) -> None:
         cadd = torch.randn(batch, length, n, generator=g) if permuted else None
         dy = torch.randn(batch, length, dim, generator=g)
         call = _Call(lib, u, proj, wdt, bias, A, D, cadd, perm, height, width, True)
-        y = call.forward()
+        y = call.forward(save_starts=True)
         du, dproj, dwdt, dbias, dA = call.backward(dy)
         leaves = [t.double().requires_grad_() for t in (u, proj, wdt, bias, A)]
         positions = perm[:, None] if permuted else cross_positions(height, width)

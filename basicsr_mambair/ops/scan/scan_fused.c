@@ -28,6 +28,8 @@ enum { ORDER_CROSS = 0, ORDER_PERM = 1 };
  * order: ORDER_CROSS (K = 4 over a height x width grid, P = L = height * width, in the order of
  * MambaIR's cross_scan) or ORDER_PERM (K = 1, step t at position perm[b * L + t], a permutation).
  * y: (batch, P, dim) contiguous, the sum over the directions (with D u each).
+ * starts: NULL, or (batch, K, blocks, tiles, N, W) 64-byte aligned: the state of every block at every tile
+ * start, written by a forward for its backward, which then needs no pass to recompute them.
  * Backward: dy as y; du: (batch, K, P, dim), each direction's part without D; dproj: (batch, P, K, R + 2N);
  * dwdt: (batch, K, dim, R); dbias: (batch, K, dim); dA: (batch, K * dim, N) (the caller sums the batch).
  * Keep in sync with compiled.py. */
@@ -38,6 +40,7 @@ typedef struct {
     int64_t batch, dim, n, r, dirs, length, height, width, order, softplus;
     int64_t u_batch, u_pos, x_batch, x_pos, x_dir, c_batch, c_step;
     int64_t unit_blocks; /* channel blocks per forward work unit */
+    float *starts;
     const float *dy;
     float *du, *dproj, *dwdt, *dbias, *dA;
 } fused_args;
@@ -204,8 +207,11 @@ INLINE void forward_unit(const int64_t N, const fused_args *s, int64_t b, int64_
     vf dt[TILE], x[TILE], us[TILE], yt[TILE];
     float Bt[TILE * N], Ct[TILE * N], lows[TILE * R];
     int64_t pos[TILE], next[TILE];
+    const int64_t tiles = (L + TILE - 1) / TILE, blocks = (s->dim + W - 1) / W;
     for (int64_t k = 0; k < s->dirs; k++) {
         const float *proj = s->proj + b * s->x_batch + k * s->x_dir;
+        /* this direction's tile starts of block j0: (blocks, tiles, N) vectors from here */
+        vf *starts = s->starts ? (vf *)s->starts + ((b * s->dirs + k) * blocks + j0) * tiles * N : 0;
         for (int64_t j = 0; j < nb; j++) {
             vf *v = vecs + j * per;
             cb[j] = block_setup(N, s, k, (j0 + j) * W, v, v + N, 0);
@@ -222,6 +228,7 @@ INLINE void forward_unit(const int64_t N, const fused_args *s, int64_t b, int64_
                 vf *a2 = vecs + j * per, *wdt = a2 + N, *h = wdt + R;
                 const chan_block *c = &cb[j];
                 const pass_ref pf = next_pass(j, nb, j0 * W, pos, T, next_T ? next : 0, next_T);
+                if (starts) memcpy(starts + (j * tiles + l0 / TILE) * N, h, N * sizeof(vf));
                 if (block_tile(s, c, wdt, u, pos, lows, T, dt, x, us, 0, &pf))
                     scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, yt, 0, 0);
                 else
@@ -236,16 +243,17 @@ INLINE void forward_unit(const int64_t N, const fused_args *s, int64_t b, int64_
 }
 
 /* Backward of direction k of batch element b, all channel blocks, as scan_kernel.c's backward_block
- * (states recomputed per tile from the saved tile starts, adjoint g[t] = C[t] dy[t] + a[t+1] g[t+1]) and
- * through the dt expansion: d dt_low = wdt^T d delta (summed over the lanes into dproj), d wdt = d delta
- * dt_low^T. Per block `per` vectors in vecs: A2, A, state, adjoint, dA (N each), wdt, dwdt (R each), dbias;
- * starts: the state at every tile start of every block. */
+ * (states recomputed per tile from the tile starts the forward saved, adjoint g[t] = C[t] dy[t] +
+ * a[t+1] g[t+1]) and through the dt expansion: d dt_low = wdt^T d delta (summed over the lanes into dproj),
+ * d wdt = d delta dt_low^T. Per block `per` vectors in vecs: A2, A, state, adjoint, dA (N each), wdt,
+ * dwdt (R each), dbias. */
 INLINE void backward_unit(const int64_t N, const fused_args *s, int64_t b, int64_t k, chan_block *cb, vf *vecs,
-                          vf *starts, vf *as, vf *hs) {
+                          vf *as, vf *hs) {
     const int64_t L = s->length, R = s->r, K = s->dirs, tiles = (L + TILE - 1) / TILE, row = R + 2 * N;
     const int64_t nb = (s->dim + W - 1) / W, per = 5 * N + 2 * R + 1;
     const float *u = s->u + b * s->u_batch, *cadd = s->cadd ? s->cadd + b * s->c_batch : 0;
     const float *proj = s->proj + b * s->x_batch + k * s->x_dir, *dyb = s->dy + b * L * s->dim;
+    const vf *starts = (const vf *)s->starts + (b * K + k) * nb * tiles * N; /* (blocks, tiles, N) */
     float *dub = s->du + (b * K + k) * L * s->dim, *dpb = s->dproj + (b * L * K + k) * row;
     vf dt[TILE], x[TILE], us[TILE], slope[TILE], dy[TILE];
     float Bt[TILE * N], Ct[TILE * N], lows[TILE * R];
@@ -257,24 +265,6 @@ INLINE void backward_unit(const int64_t N, const fused_args *s, int64_t b, int64
         for (int64_t i = 5 * N + R; i < per; i++) v[i] = splat(0.0f); /* dwdt, dbias */
     }
     for (int64_t p = 0; p < L; p++) memset(dpb + p * K * row, 0, row * sizeof(float));
-    /* forward: the state at every tile start */
-    tile_positions(s, b, k, 0, TILE_LEN(0), next);
-    for (int64_t i = 0; i < tiles; i++) {
-        const int64_t l0 = i * TILE, T = TILE_LEN(l0), next_T = i + 1 < tiles ? TILE_LEN(l0 + T) : 0;
-        memcpy(pos, next, T * sizeof *pos);
-        if (next_T) tile_positions(s, b, k, l0 + T, next_T, next);
-        gather_rows(N, s, proj, cadd ? cadd + l0 * s->c_step : 0, pos, T, Bt, Ct, lows, next_T ? next : 0, next_T,
-                    0, 0);
-        for (int64_t j = 0; j < nb; j++) {
-            vf *a2 = vecs + j * per, *h = a2 + 2 * N, *wdt = a2 + 5 * N;
-            const pass_ref pf = next_pass(j, nb, 0, pos, T, next_T ? next : 0, next_T);
-            memcpy(starts + (j * tiles + i) * N, h, N * sizeof(vf));
-            if (block_tile(s, &cb[j], wdt, u, pos, lows, T, dt, x, 0, 0, &pf))
-                scan_tile(N, 0, h, a2, dt, x, Bt, Ct, T, 0, 0, 0);
-            else
-                scan_tile(N, 1, h, a2, dt, x, Bt, Ct, T, 0, 0, 0);
-        }
-    }
     /* backward, tiles last to first */
     tile_positions(s, b, k, (tiles - 1) * TILE, TILE_LEN((tiles - 1) * TILE), next);
     for (int64_t i = tiles - 1; i >= 0; i--) {
@@ -336,6 +326,11 @@ INLINE void backward_unit(const int64_t N, const fused_args *s, int64_t b, int64
     }
 }
 
+/* Floats of the tile starts a forward saves for its backward. */
+int64_t mambair_fused_starts_size(const fused_args *s) {
+    return s->batch * s->dirs * ((s->dim + W - 1) / W) * ((s->length + TILE - 1) / TILE) * s->n * W;
+}
+
 /* Forward work units: `unit_blocks` channel blocks of one batch element (a thread's share; the result
  * does not depend on the split). Returns 0, or -1 when out of memory. */
 int mambair_fused_forward(const fused_args *s, int64_t *next, int64_t count) {
@@ -361,27 +356,25 @@ int mambair_fused_forward(const fused_args *s, int64_t *next, int64_t count) {
 
 /* Backward work units: the batch * K (batch element, direction) pairs, so that the blocks adding into the
  * same positions of dproj run one after another (each direction's du has its own slice for the same
- * reason). Returns 0, or -1 when out of memory. */
+ * reason). Needs the tile starts of a forward with the same inputs. Returns 0, or -1 when out of memory. */
 int mambair_fused_backward(const fused_args *s, int64_t *next, int64_t count) {
-    const int64_t N = s->n, R = s->r, nb = (s->dim + W - 1) / W, tiles = (s->length + TILE - 1) / TILE;
+    const int64_t N = s->n, R = s->r, nb = (s->dim + W - 1) / W;
     chan_block *cb = aligned_alloc(sizeof(vf), nb * sizeof(chan_block));
     vf *vecs = aligned_alloc(sizeof(vf), nb * (5 * N + 2 * R + 1) * sizeof(vf));
-    vf *starts = aligned_alloc(sizeof(vf), nb * tiles * N * sizeof(vf));
     vf *as = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf)), *hs = aligned_alloc(sizeof(vf), TILE * N * sizeof(vf));
-    const int ok = cb && vecs && starts && as && hs;
+    const int ok = cb && vecs && as && hs;
     if (ok) {
         FOR_EACH_UNIT(unit, next, count) {
             const int64_t b = unit / s->dirs, k = unit % s->dirs;
             switch (N) {
-            case 16: backward_unit(16, s, b, k, cb, vecs, starts, as, hs); break;
-            case 10: backward_unit(10, s, b, k, cb, vecs, starts, as, hs); break;
-            default: backward_unit(N, s, b, k, cb, vecs, starts, as, hs);
+            case 16: backward_unit(16, s, b, k, cb, vecs, as, hs); break;
+            case 10: backward_unit(10, s, b, k, cb, vecs, as, hs); break;
+            default: backward_unit(N, s, b, k, cb, vecs, as, hs);
             }
         }
     }
     free(cb);
     free(vecs);
-    free(starts);
     free(as);
     free(hs);
     return ok ? 0 : -1;
