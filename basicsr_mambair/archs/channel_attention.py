@@ -7,8 +7,9 @@ Parameter names and shapes follow the official code so that checkpoints load wit
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from basicsr_mambair.ops.linear import linear
 
 
 def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +19,7 @@ def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     convolution, and a matmul on the (B, H, W, C) view is both faster and keeps the channels-last layout
     every MambaIR block works in (the result is a channels-last view too).
     """
-    return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+    return linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
 
 
 def _is_pointwise(layer: nn.Module) -> bool:
@@ -50,8 +51,8 @@ class ChannelAttention(nn.Module):
         """x: (B, C, H, W) -> (B, C, H, W) (channels-last in, channels-last out)."""
         _, squeeze, relu, excite, sigmoid = self.attention
         # The pooled (B, C) vector through the two 1x1 convs as matmuls (same parameters as the modules).
-        s = relu(F.linear(x.mean((2, 3)), squeeze.weight.flatten(1), squeeze.bias))
-        s = sigmoid(F.linear(s, excite.weight.flatten(1), excite.bias))
+        s = relu(linear(x.mean((2, 3)), squeeze.weight.flatten(1), squeeze.bias))
+        s = sigmoid(linear(s, excite.weight.flatten(1), excite.bias))
         return x * s[:, :, None, None]
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from basicsr_mambair.ops import selective_scan
+from basicsr_mambair.ops.linear import linear
 from basicsr_mambair.ops.scan import uses_fused_kernel
 from basicsr_mambair.ops.scan.fused import scan_cross
 
@@ -178,8 +179,8 @@ class SS2D(nn.Module):
         fused = uses_fused_kernel(x.device, x.dtype)
         if fused:  # two projections, each contiguous: the conv and the gate then read dense tensors
             bias = self.in_proj.bias
-            u = F.linear(x, self.in_proj.weight[:d], None if bias is None else bias[:d])
-            z = F.linear(x, self.in_proj.weight[d:], None if bias is None else bias[d:])
+            u = linear(x, self.in_proj.weight[:d], None if bias is None else bias[:d])
+            z = linear(x, self.in_proj.weight[d:], None if bias is None else bias[d:])
         else:
             u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) each; z is the output gate
         # The depthwise conv on the channels-last NCHW view (its output stays channels-last).
@@ -192,7 +193,7 @@ class SS2D(nn.Module):
         # the following LayerNorm runs in fp32 anyway).
         y = self.out_norm(y.to(self.out_norm.weight.dtype))
         y = y.mul_(F.silu(z, inplace=inplace)) if inplace else y * F.silu(z)
-        out = self.out_proj(y)
+        out = linear(y, self.out_proj.weight, self.out_proj.bias)
         if self.dropout is not None:
             out = self.dropout(out)
         return out
@@ -204,7 +205,7 @@ class SS2D(nn.Module):
     def _scan_fused(self, u: torch.Tensor) -> torch.Tensor:
         """u: (B, H, W, d_inner) channels-last -> the four directions' outputs summed, (B, H, W, d_inner) fp32."""
         k, d = NUM_DIRECTIONS, self.d_inner
-        proj = F.linear(u, self.x_proj_weight.reshape(k * (self.dt_rank + 2 * self.d_state), d))  # (B, H, W, 4(R+2N))
+        proj = linear(u, self.x_proj_weight.reshape(k * (self.dt_rank + 2 * self.d_state), d))  # (B, H, W, 4(R+2N))
         with _autocast_disabled(u.device.type):
             A, D, dt_bias = self._ssm_parameters()
             return scan_cross(u.float(), proj.float(), self.dt_projs_weight.float(), dt_bias, A, D)
