@@ -3,8 +3,8 @@
 ``scan_kernel.c`` (the flat scan) and ``scan_fused.c`` (scans walking several orders of position-major
 inputs, :mod:`.fused`), with their shared ``scan_common.h``, are compiled with the system's C compiler
 (``$CC``, else cc / gcc / clang) into one shared library cached under ``$MAMBAIR_CACHE_DIR`` (default
-``~/.cache/basicsr_mambair``), keyed by the
-source, the compiler and the CPU, and called through ctypes on float32 tensors in place. Work is split
+``~/.cache/basicsr_mambair``), keyed by the sources, the compiler and the CPU, and called through ctypes
+on float32 tensors in place. Work is split
 over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no compiler is found, the build
 fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
 :class:`KernelUnavailable` with the reason and the caller uses the ``torch`` backend.

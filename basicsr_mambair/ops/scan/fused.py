@@ -9,7 +9,8 @@ into one (batch, P, dim) result; see :func:`~.orders.ordered_scan` for the compu
 - :func:`scan_permuted`: one direction over a permutation of the positions (MambaIRv2's semantically
   sorted tokens; the gather into sorted order and the scatter back happen inside the kernel).
 
-Both compute in float32, have the kernel's backward (states recomputed per tile), and raise
+Both compute in float32, have the kernel's backward (states recomputed per tile from the tile starts the
+forward saved), and raise
 :class:`KernelUnavailable` where the kernel cannot be built. :func:`check_kernel` is the part of the
 kernel's self-check (:func:`.compiled.load`) that covers these entry points.
 """
