@@ -4,10 +4,10 @@
 inputs, :mod:`.fused`), with their shared ``scan_common.h``, are compiled with the system's C compiler
 (``$CC``, else cc / gcc / clang) into one shared library cached under ``$MAMBAIR_CACHE_DIR`` (default
 ``~/.cache/basicsr_mambair``), keyed by the sources, the compiler and the CPU, and called through ctypes
-on float32 tensors in place. Work is split
-over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no compiler is found, the build
-fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
-:class:`KernelUnavailable` with the reason and the caller uses the ``torch`` backend.
+on float32 tensors in place. Work is split over ``torch.get_num_threads()`` threads (ctypes releases the
+GIL). Where no compiler is found, the build fails or the library disagrees with the float64 reference on
+a small case, :func:`load` raises :class:`KernelUnavailable` with the reason and the caller uses the
+``torch`` backend.
 
 :func:`scan` is the backend's entry point: :func:`scan_forward` serves inference, :func:`scan_autograd`
 training (its backward recomputes the states tile by tile, so nothing of size (batch, dim, L, N) is kept).
