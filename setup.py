@@ -17,7 +17,8 @@ setup(
     license='Apache-2.0',
     packages=find_packages(include=['basicsr_mambair', 'basicsr_mambair.*']),
     include_package_data=True,
-    package_data={'basicsr_mambair.ops.scan': ['scan_kernel.c']},  # compiled on first use (ops/scan/compiled.py)
+    # the C scan kernel, compiled on first use (ops/scan/compiled.py)
+    package_data={'basicsr_mambair.ops.scan': ['scan_kernel.c', 'scan_fused.c', 'scan_common.h']},
     python_requires='>=3.9',
     install_requires=[
         'basicsr>=1.4.2',
@@ -39,7 +40,7 @@ setup(
         'test': ['pytest>=7', 'ruff', 'spandrel>=0.4'],
         # basicsr_mambair.spandrel: the archs in spandrel / chaiNNer (see README)
         'spandrel': ['spandrel>=0.4'],
-        'bench': ['mambapy'],
+        'bench': ['mambapy', 'spandrel>=0.4'],  # spandrel: SwinIR for benchmarks/bench_models.py
         # mambair-export / basicsr_mambair.deploy; onnxscript only for torch's dynamo exporter (--exporter dynamo,
         # and 'auto' once torch drops the TorchScript exporter)
         'onnx': ['onnx>=1.16', 'onnxruntime>=1.16', 'onnxscript'],

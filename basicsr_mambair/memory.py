@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .archs.support import ArchInfo
+from .ops.scan import uses_fused_kernel
 
 # The pure-PyTorch scan's work buffers (a few groups of GROUP_ELEMS float32 values) do not grow with the
 # tile; measured intercepts were 1-10 MB. 32 MiB covers them.
@@ -92,17 +93,26 @@ def _image_bytes(info: ArchInfo, height: int, width: int) -> int:
     return 4 * pixels * (2 * info.in_channels + 3 * (info.out_channels + 1) * info.scale ** 2)
 
 
+def bytes_per_pixel(info: ArchInfo, device: torch.device) -> int:
+    """Estimated peak activation bytes per LQ pixel of a forward on ``device``: ``info.scan_bytes_per_pixel`` where
+    the selective scans run the fused CPU kernel (it computes in float32 at every precision), else
+    ``info.bytes_per_pixel``."""
+    if info.scan_bytes_per_pixel is not None and uses_fused_kernel(torch.device(device), torch.float32):
+        return info.scan_bytes_per_pixel
+    return info.bytes_per_pixel
+
+
 def choose_tile(info: ArchInfo, device: torch.device, height: int, width: int, overlap: int = 32,
                 available: int | None = None) -> int:
     """The LQ tile side for an ``height`` x ``width`` image: 0 (whole image) if it fits, else the largest fitting one.
 
-    Peak = ``FIXED_BYTES`` + whole-image buffers + tile pixels x ``info.bytes_per_pixel``, to fit into
+    Peak = ``FIXED_BYTES`` + whole-image buffers + tile pixels x :func:`bytes_per_pixel`, to fit into
     ``MEMORY_FRACTION`` of ``available`` (default: :func:`available_memory` of ``device``). Tiles are multiples
     of 8 (and of the arch's size multiple), at least ``max(32, 2 * overlap)`` (rounded up to that multiple).
     """
     if available is None:
         available = available_memory(device)
-    per_pixel = info.bytes_per_pixel
+    per_pixel = bytes_per_pixel(info, device)
     budget = int(available * MEMORY_FRACTION.get(device.type, 0.5)) - FIXED_BYTES - _image_bytes(info, height, width)
     if height * width * per_pixel <= budget:
         return 0

@@ -3,7 +3,9 @@
 The peak bytes allocated during a forward (``torch.profiler`` memory events; MambaIRv2 with deterministic
 routing, its eval default) at two input sizes give the growth per pixel (the slope) and the fixed part (the
 intercept); ``mambair-restore --tile auto`` plans with
-:attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel`, which should lie a little above the slope.
+:attr:`basicsr_mambair.archs.support.ArchInfo.bytes_per_pixel` (``scan_bytes_per_pixel`` where the fused CPU
+scan runs), which should lie a little above the slope. Both depend on the scan backend (``MAMBAIR_SCAN``): the
+fused CPU scan of ``auto`` needs about a quarter of what the others do in MambaIR.
 
     python benchmarks/bench_memory.py [--sides 48 96] [--presets lightSR_x2 v2_lightSR_x2 ...]
 """
@@ -16,7 +18,7 @@ import os
 import torch
 
 from basicsr_mambair.archs.support import describe
-from basicsr_mambair.memory import measure_peak_bytes
+from basicsr_mambair.memory import bytes_per_pixel, measure_peak_bytes
 from basicsr_mambair.presets import get_preset
 
 PRESETS = ('lightSR_x2', 'lightSR_x4', 'colorDN_15', 'CAR_10', 'classicSR_x2', 'classicSR_x4', 'realSR_x4', 'realDN',
@@ -43,7 +45,7 @@ def main() -> None:
         fixed = peaks[small] - slope * small ** 2
         width = preset.kwargs.get('embed_dim') or 2 * preset.kwargs['dim']
         d_inner = int(float(preset.kwargs.get('mlp_ratio', 2.0)) * width)
-        estimate = describe(preset.arch_type, preset.kwargs).bytes_per_pixel
+        estimate = bytes_per_pixel(describe(preset.arch_type, preset.kwargs), torch.device('cpu'))
         print(f'| {name} | {d_inner} | {slope / 1000:.1f} | {fixed / 1e6:.1f} | {estimate / 1000:.1f} |', flush=True)
 
 

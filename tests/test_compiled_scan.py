@@ -355,7 +355,7 @@ def test_failing_compiler_is_reported_in_one_line(no_compiler, monkeypatch, tmp_
     monkeypatch.setenv('CC', str(fake))
     with pytest.raises(KernelUnavailable) as info:
         compiled.load()
-    assert 'could not build scan_kernel.c: fatal: cannot build' in str(info.value)
+    assert 'could not build scan_kernel.c, scan_fused.c: fatal: cannot build' in str(info.value)
     assert '\n' not in str(info.value)
     assert not list((tmp_path / 'cache').glob('*'))  # no half-written library left in the cache
 

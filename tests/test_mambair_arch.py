@@ -54,10 +54,12 @@ def open_channel_attention(model: torch.nn.Module) -> None:
                 p.fill_(1.0)
 
 
-@pytest.mark.parametrize('backend', ['compiled', 'torch'])
+@pytest.mark.parametrize('backend', ['compiled', 'compiled-unfused', 'torch'])
 @pytest.mark.parametrize('name', REFERENCE_FILES)
 def test_matches_official_output(reference_dir: Path, name: str, backend: str) -> None:
-    """Both CPU inference scans (``compiled`` falls back to ``torch`` with a warning where it cannot build)."""
+    """The CPU inference scans: ``compiled`` (SS2D through the fused kernel), ``compiled-unfused`` (the flat kernel on
+    cross_scan copies) and ``torch`` (both compiled ones fall back to ``torch`` with a warning where the kernel cannot
+    build)."""
     ref = load_reference(reference_dir, name)
     model = arch_class(ref['arch_type'])(**ref['kwargs'])
     assert n_params(model) == ref['param_count']
@@ -191,16 +193,18 @@ def test_bf16_autocast_keeps_the_scan_in_float32(monkeypatch: pytest.MonkeyPatch
         expected = model(x)
 
     calls = []
-    real_scan = ss2d_module.selective_scan
 
-    def spy(*args, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        calls.append(({t.dtype for t in tensors}, torch.is_autocast_enabled('cpu')))
-        out = real_scan(*args, **kwargs)
-        calls[-1] += (out.dtype,)
-        return out
+    def spy(real):
+        def call(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            calls.append(({t.dtype for t in tensors}, torch.is_autocast_enabled('cpu')))
+            out = real(*args, **kwargs)
+            calls[-1] += (out.dtype,)
+            return out
+        return call
 
-    monkeypatch.setattr(ss2d_module, 'selective_scan', spy)
+    for name in ('selective_scan', 'scan_cross'):  # the unfused and the fused scan
+        monkeypatch.setattr(ss2d_module, name, spy(getattr(ss2d_module, name)))
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(x)
     assert len(calls) == 2

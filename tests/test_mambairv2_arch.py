@@ -253,14 +253,16 @@ def test_bf16_autocast_keeps_the_scan_in_float32(monkeypatch: pytest.MonkeyPatch
     model = MambaIRv2(upscale=2, upsampler='pixelshuffle', **TINY).eval()
     x = torch.rand(1, 3, 8, 8)
     calls = []
-    real_scan = assm_module.selective_scan
 
-    def spy(*args, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        calls.append(({t.dtype for t in tensors}, torch.is_autocast_enabled('cpu')))
-        return real_scan(*args, **kwargs)
+    def spy(real_scan):
+        def call(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            calls.append(({t.dtype for t in tensors}, torch.is_autocast_enabled('cpu')))
+            return real_scan(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(assm_module, 'selective_scan', spy)
+    for name in ('selective_scan', 'permuted_selective_scan'):  # unfused and fused (the kernel sorts)
+        monkeypatch.setattr(assm_module, name, spy(getattr(assm_module, name)))
     expected = forward(model, x)
     calls.clear()
     with torch.autocast('cpu', dtype=torch.bfloat16):

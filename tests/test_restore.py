@@ -18,10 +18,11 @@ from helpers import REFERENCE_FILES, V2_REFERENCE_FILES, arch_class, constructor
 import basicsr_mambair  # noqa: F401  (registers the archs; before `import basicsr`)
 from basicsr_mambair.api import load_model, restore
 from basicsr_mambair.archs.support import describe
-from basicsr_mambair.archs.support.mambair import BYTES_PER_INNER_CHANNEL
+from basicsr_mambair.archs.support.mambair import BYTES_PER_INNER_CHANNEL, BYTES_PER_INNER_CHANNEL_FUSED
 from basicsr_mambair.cli import restore as restore_cli
 from basicsr_mambair.errors import CheckpointError, OutOfMemory, RestoreError
-from basicsr_mambair.memory import FIXED_BYTES, choose_tile, measure_peak_bytes
+from basicsr_mambair.memory import FIXED_BYTES, bytes_per_pixel, choose_tile, measure_peak_bytes
+from basicsr_mambair.ops.scan import compiled, scan_backend, uses_fused_kernel
 from basicsr_mambair.presets import PRESETS
 from basicsr_mambair.tiling import forward_tiled
 
@@ -488,13 +489,17 @@ def test_bf16_on_the_cpu_keeps_the_scan_in_float32(family: str, checkpoints, ima
         state, module = reference_net(reference_dir, 'mambairv2_lightSR_x2.pt')[1]['state_dict'], assm
     image = cv2.imread(str(images / 'sr' / 'baby.png'))
     full = restore(load_model(state, device='cpu'), image, bgr=True)
-    scan, dtypes = module.selective_scan, set()
+    dtypes = set()
 
-    def recording(u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        dtypes.add(u.dtype)
-        return scan(u, *args, **kwargs)
+    def recording(scan):
+        def call(u: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            dtypes.add(u.dtype)
+            return scan(u, *args, **kwargs)
+        return call
 
-    monkeypatch.setattr(module, 'selective_scan', recording)
+    for name in ('selective_scan', 'scan_cross'):  # the unfused and (MambaIR) the fused scan
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, recording(getattr(module, name)))
     half = restore(load_model(state, device='cpu', precision='bf16'), image, bgr=True)
     assert dtypes == {torch.float32}
     assert half.dtype == np.uint8 and half.shape == full.shape
@@ -561,15 +566,20 @@ def test_forward_tiled_progress_is_optional() -> None:
 # ------------------------------------------------------------------------------------------- automatic tiles
 
 
+@pytest.mark.parametrize('backend', ['auto', 'torch'])
 @pytest.mark.parametrize('name', ['lightSR_x2', 'realDN', 'v2_lightSR_x2'])
-def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
-    """Per pixel, the estimate is between 1x and 2x the measured growth of the peak; the fixed part is covered."""
+def test_memory_estimate_bounds_the_measured_peak(name: str, backend: str) -> None:
+    """Per pixel, the estimate is between 1x and 2x the measured growth of the peak; the fixed part is covered.
+    With the fused CPU scan (auto, where the kernel builds) and without it (torch)."""
     preset = PRESETS[name]
     net = make_net(name)
     small, large = 48, 96
-    peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
+    with scan_backend(backend):
+        peaks = {side: measure_peak_bytes(net, preset.in_channels, side) for side in (small, large)}
+        fused = uses_fused_kernel(torch.device('cpu'), torch.float32)
+        estimate = bytes_per_pixel(describe(preset.arch_type, preset.kwargs), torch.device('cpu'))
+    assert fused == (backend == 'auto' and compiled.unavailable_reason() is None)
     per_pixel = (peaks[large] - peaks[small]) / (large ** 2 - small ** 2)
-    estimate = describe(preset.arch_type, preset.kwargs).bytes_per_pixel
     assert per_pixel <= estimate <= 2 * per_pixel, (per_pixel, estimate)
     assert peaks[small] - per_pixel * small ** 2 <= FIXED_BYTES  # scan work buffers and the like
 
@@ -577,8 +587,9 @@ def test_memory_estimate_bounds_the_measured_peak(name: str) -> None:
 def test_choose_tile_fits_the_memory(checkpoints) -> None:
     _, net = checkpoints('lightSR_x2')
     model = load_model(net.state_dict(), device='cpu')
-    per_pixel = describe('MambaIR', model.kwargs).bytes_per_pixel
-    assert per_pixel == BYTES_PER_INNER_CHANNEL * 72 + 4 * 4 * 2 * 3
+    fused = uses_fused_kernel(model.device, torch.float32)
+    per_pixel = bytes_per_pixel(model.info, model.device)
+    assert per_pixel == (BYTES_PER_INNER_CHANNEL_FUSED if fused else BYTES_PER_INNER_CHANNEL) * 72 + 4 * 4 * 2 * 3
     assert choose_tile(model.info, model.device, 500, 400, available=64 << 30) == 0  # fits: whole image
     tile = choose_tile(model.info, model.device, 2000, 3000, available=4 << 30)
     assert tile % 8 == 0 and 64 <= tile < 2000

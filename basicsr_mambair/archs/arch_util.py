@@ -13,8 +13,13 @@ import torch.nn.functional as F
 
 
 def tokens_to_map(x: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
-    """(B, H*W, C) row-major tokens -> (B, C, H, W) (a view when possible)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x_size[0], x_size[1])
+    """(B, H*W, C) row-major tokens -> (B, C, H, W), a channels-last view of contiguous tokens.
+
+    Built as (B, H, W, C) permuted, so that its strides are the canonical channels-last ones also for B = 1
+    (``transpose(1, 2).reshape(...)`` gives batch stride C there, and PyTorch's convolutions then take
+    the map for NCHW and return NCHW, which every later token view has to copy back).
+    """
+    return x.reshape(x.shape[0], x_size[0], x_size[1], x.shape[2]).permute(0, 3, 1, 2)
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.scan import selective_scan
+from ..ops.linear import linear
+from ..ops.scan import permuted_selective_scan, selective_scan, uses_fused_kernel
 from .arch_util import autocast_disabled
 from .ss2d import init_ssm_parameters
 
@@ -98,6 +99,16 @@ class SelectiveScan(nn.Module):
             return selective_scan(u.float(), dts.float(), -torch.exp(self.A_logs.float()),
                                   bs.float().unsqueeze(1), cs.float().unsqueeze(1), self.Ds.float(), z=None,
                                   delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True)
+
+    def forward_permuted(self, u: torch.Tensor, prompt: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        """The same scan over ``u[perm]`` written back at the positions, by the fused CPU kernel (no sorted
+        copies): u (B, L, D) tokens in raster order, prompt (B, L, N) added at *step* t, perm (B, L) int64.
+        Returns (B, L, D) float32 in raster order."""
+        proj = linear(u, self.x_proj_weight[0])  # (B, L, R + 2N); projecting commutes with the permutation
+        with autocast_disabled(u.device.type):
+            return permuted_selective_scan(u.float(), proj.float(), self.dt_projs_weight.float(),
+                                           self.dt_projs_bias.float(), -torch.exp(self.A_logs.float()),
+                                           self.Ds.float(), perm, c_add=prompt.float())
 
     def extra_repr(self) -> str:
         return f'd_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}'
@@ -182,6 +193,9 @@ class ASSM(nn.Module):
         v = F.linear(x, conv.weight.flatten(1), conv.bias)  # (B, L, hidden)
         v = v.transpose(1, 2).reshape(b, self.hidden, h, w)
         v = (v * torch.sigmoid(self.CPE(v))).flatten(2)  # (B, hidden, L)
+        if uses_fused_kernel(v.device, v.dtype):  # sorted and scattered back inside the kernel
+            y = self.selectiveScan.forward_permuted(v.transpose(1, 2), prompt, idx)  # (B, L, hidden) raster order
+            return self.out_proj(self.out_norm(y.to(self.out_norm.weight.dtype)))
         v = v.gather(2, idx.unsqueeze(1).expand(-1, self.hidden, -1))  # sorted by class
         y = self.selectiveScan(v, prompt)  # (B, hidden, L), prompts NOT permuted (official)
         y = self.out_proj(self.out_norm(y.transpose(1, 2).to(self.out_norm.weight.dtype)))  # (B, L, C) sorted

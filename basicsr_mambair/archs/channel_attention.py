@@ -9,6 +9,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.linear import is_tracing, linear
+
+
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution (stride 1, no groups) as a matmul over the channels: (B, C, H, W) -> (B, C', H, W).
+
+    Why not ``conv(x)``: on the CPU PyTorch sends 1x1 kernels on channels-last input to its slow generic
+    convolution, and a matmul on the (B, H, W, C) view is both faster and keeps the channels-last layout
+    every MambaIR block works in (the result is a channels-last view too).
+    """
+    return linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+
+
+def _is_pointwise(layer: nn.Module) -> bool:
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding == (0, 0) and layer.groups == 1)
+
 
 def min_channels(is_light_sr: bool = False, compress_ratio: int = 3, squeeze_factor: int = 30) -> int:
     """The fewest channels a :class:`CAB` works with: every hidden width (``C // squeeze_factor`` of the channel
@@ -45,7 +62,7 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
+        """x: (B, C, H, W) -> (B, C, H, W) (in x's memory layout)."""
         return x * self.attention(x)
 
 
@@ -89,5 +106,8 @@ class CAB(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C, H, W)."""
-        return self.cab(x)
+        """x: (B, C, H, W) -> (B, C, H, W); best as a channels-last view, which the result is too."""
+        as_matmul = x.device.type == 'cpu' and not is_tracing()  # see conv1x1
+        for layer in self.cab:
+            x = conv1x1(layer, x) if as_matmul and _is_pointwise(layer) else layer(x)
+        return x

@@ -213,8 +213,10 @@ class MambaIR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) in [0, 1] -> (B, in_chans, upscale*H, upscale*W) (not clamped)."""
         mean = self.mean.to(x)
-        x = (x - mean) * self.img_range
+        # Channels-last from the start (a copy of the small input): the first conv's features then are
+        # tokens already, and the body runs in one layout.
+        x = ((x - mean) * self.img_range).contiguous(memory_format=torch.channels_last)
         f = self.conv_first(x)
         f = self.conv_after_body(self.forward_features(f)) + f
         x = apply_head(self, self.upsampler, f, x)
-        return x / self.img_range + mean
+        return (x / self.img_range + mean).contiguous()  # the usual NCHW layout for the caller

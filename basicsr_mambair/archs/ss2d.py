@@ -2,8 +2,18 @@
 
 A feature map is read as four 1-D sequences -- row-major, column-major and both reversed -- each
 scanned by its own selective state-space model (Mamba's S6); the four outputs are mapped back to
-the image grid and summed. The four scans are batched into one ``selective_scan`` call: channel
-block ``k*d_inner:(k+1)*d_inner`` belongs to direction ``k`` (B/C have 4 groups).
+the image grid and summed.
+
+Two ways to compute it, with the same parameters and results:
+
+- fused (what ``auto`` runs on a CPU in float32): the C kernel walks the four orders of the channels-last
+  map in place (:func:`~basicsr_mambair.ops.scan.fused.scan_cross`). The x projection of all directions
+  is one matmul on the un-expanded map (a permutation of the positions commutes with it) and the dt
+  projection happens inside the kernel, so nothing of size 4 x (B, d_inner, L) exists.
+- unfused (every other backend, and ``compiled-unfused``): the official data flow. :func:`cross_scan`
+  materialises the four orders and one ``selective_scan`` call scans them (channel block
+  ``k*d_inner:(k+1)*d_inner`` belongs to direction ``k``, B/C have 4 groups); :func:`cross_merge` maps the
+  outputs back and sums them.
 
 Parameter names, shapes and initialisation follow the official ``SS2D`` so that the released
 checkpoints load with strict=True (spec 1.5):
@@ -33,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.scan import selective_scan
+from ..ops.linear import linear
+from ..ops.scan import selective_scan, uses_fused_kernel
+from ..ops.scan.fused import scan_cross
 from .arch_util import autocast_disabled
 
 NUM_DIRECTIONS = 4
@@ -163,42 +175,58 @@ class SS2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, d_model) channels-last -> (B, H, W, d_model)."""
-        b, h, w, _ = x.shape
+        d = self.d_inner
+        # Inference (no autograd) may overwrite its own intermediates: fewer allocations and passes.
+        inplace = not torch.is_grad_enabled()
+        fused = uses_fused_kernel(x.device, x.dtype)
+        if fused:  # two projections, each contiguous: the conv and the gate then read dense tensors
+            bias = self.in_proj.bias
+            u = linear(x, self.in_proj.weight[:d], None if bias is None else bias[:d])
+            z = linear(x, self.in_proj.weight[d:], None if bias is None else bias[d:])
+        else:
+            u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) each; z is the output gate
+        # The depthwise conv on the channels-last NCHW view (its output stays channels-last).
+        u = F.silu(self.conv2d(u.permute(0, 3, 1, 2)), inplace=inplace)  # (B, d_inner, H, W)
+
+        # The scan always runs in float32, also under fp16/bf16 autocast or in a half-precision model:
+        # exp(dt * A) and the long recurrence lose too much in 16 bits (the official CUDA call is fp32 too).
+        y = self._scan_fused(u.permute(0, 2, 3, 1)) if fused else self._scan_unfused(u)  # (B, H, W, d) float32
+        # Back to the parameters' precision (a no-op for fp32 models, also under autocast, where
+        # the following LayerNorm runs in fp32 anyway).
+        y = self.out_norm(y.to(self.out_norm.weight.dtype))
+        y = y.mul_(F.silu(z, inplace=inplace)) if inplace else y * F.silu(z)
+        out = linear(y, self.out_proj.weight, self.out_proj.bias)
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return out
+
+    def _ssm_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A = -exp(A_logs), D and the dt bias in float32 (flattened over directions)."""
+        return -torch.exp(self.A_logs.float()), self.Ds.float(), self.dt_projs_bias.float()
+
+    def _scan_fused(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, H, W, d_inner) channels-last -> the four directions' outputs summed, (B, H, W, d_inner) fp32."""
+        k, d = NUM_DIRECTIONS, self.d_inner
+        proj = linear(u, self.x_proj_weight.reshape(k * (self.dt_rank + 2 * self.d_state), d))  # (B, H, W, 4(R+2N))
+        with autocast_disabled(u.device.type):
+            A, D, dt_bias = self._ssm_parameters()
+            return scan_cross(u.float(), proj.float(), self.dt_projs_weight.float(), dt_bias, A, D)
+
+    def _scan_unfused(self, u: torch.Tensor) -> torch.Tensor:
+        """The official data flow: u (B, d_inner, H, W) -> (B, H, W, d_inner) float32 (see the module doc)."""
+        b, _, h, w = u.shape
         length = h * w
         k, n = NUM_DIRECTIONS, self.d_state
-
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d_inner) each; z is the output gate
-        u = F.silu(self.conv2d(u.permute(0, 3, 1, 2)))  # (B, d_inner, H, W)
-
         xs = cross_scan(u)  # (B, 4, d_inner, L)
         x_dbl = torch.matmul(self.x_proj_weight, xs)  # (B, 4, R + 2N, L)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, n, n], dim=2)
         dts = torch.matmul(self.dt_projs_weight, dts)  # (B, 4, d_inner, L)
-
-        # The scan always runs in float32, also under fp16/bf16 autocast or in a half-precision model:
-        # exp(dt * A) and the long recurrence lose too much in 16 bits (the official CUDA call is fp32 too).
-        with autocast_disabled(x.device.type):
-            ys = selective_scan(
-                xs.float().view(b, -1, length),
-                dts.float().view(b, -1, length),
-                -torch.exp(self.A_logs.float()),
-                bs.float(),
-                cs.float(),
-                self.Ds.float(),
-                z=None,
-                delta_bias=self.dt_projs_bias.float().view(-1),
-                delta_softplus=True,
-                return_last_state=False,
-            ).view(b, k, -1, length)
-            y = cross_merge(ys.float(), h, w)  # (B, H, W, d_inner), summed in float32
-        # Back to the parameters' precision (a no-op for fp32 models, also under autocast, where
-        # the following LayerNorm runs in fp32 anyway).
-        y = y.to(self.out_norm.weight.dtype)
-        y = self.out_norm(y) * F.silu(z)
-        out = self.out_proj(y)
-        if self.dropout is not None:
-            out = self.dropout(out)
-        return out
+        with autocast_disabled(u.device.type):
+            A, D, dt_bias = self._ssm_parameters()
+            ys = selective_scan(xs.float().view(b, -1, length), dts.float().view(b, -1, length), A, bs.float(),
+                                cs.float(), D, z=None, delta_bias=dt_bias.view(-1), delta_softplus=True,
+                                return_last_state=False).view(b, k, -1, length)
+            return cross_merge(ys.float(), h, w)  # summed in float32
 
     def extra_repr(self) -> str:
         return f'd_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}'

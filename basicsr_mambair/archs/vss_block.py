@@ -14,9 +14,16 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..ops.linear import is_tracing
 from .channel_attention import CAB
 from .drop_path import DropPath
 from .ss2d import SS2D
+
+
+def _scaled_skip(branch: torch.Tensor, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x * scale + branch``: in one pass (addcmul), except in ONNX / compile graphs (torch's ONNX addcmul
+    computes fp16 networks in float32)."""
+    return x * scale + branch if is_tracing() else torch.addcmul(branch, x, scale)
 
 
 class VSSBlock(nn.Module):
@@ -51,8 +58,9 @@ class VSSBlock(nn.Module):
         """x: (B, H*W, C) tokens in row-major order; x_size: (H, W). Returns (B, H*W, C)."""
         b, length, c = x.shape
         x = x.reshape(b, x_size[0], x_size[1], c)  # (B, H, W, C)
-        x = x * self.skip_scale + self.drop_path(self.self_attention(self.ln_1(x)))
-        # The convolutions run on an NCHW *view* of the channels-last tensor (no copy either way).
+        # One layout through the block: channels-last.
+        x = _scaled_skip(self.drop_path(self.self_attention(self.ln_1(x))), x, self.skip_scale)
+        # The convolutions run on an NCHW *view* of the channels-last tensor and return one (no copy).
         local = self.conv_blk(self.ln_2(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x * self.skip_scale2 + local
+        x = _scaled_skip(local, x, self.skip_scale2)
         return x.reshape(b, length, c)

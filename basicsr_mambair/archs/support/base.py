@@ -25,6 +25,9 @@ class ArchInfo:
         purpose: ``'SR'`` (super-resolution) or ``'Restoration'`` (denoising, JPEG artefacts), as spandrel names them.
         bytes_per_pixel: estimated peak activation memory of a float32 eval forward per LQ pixel (bytes; an upper
             bound, calibrated by ``benchmarks/bench_memory.py``).
+        scan_bytes_per_pixel: the same where the selective scans run the fused CPU kernel
+            (:func:`basicsr_mambair.ops.scan.uses_fused_kernel`), which copies no scan direction; None: no
+            difference.
         size_multiple: input sides that are multiples of this need no padding inside the network (other sizes
             are padded there and cropped back: any size works); tiles are chosen as multiples of it.
         fp16 / bf16: half / bfloat16 inference is safe (the selective scan always runs in float32).
@@ -37,6 +40,7 @@ class ArchInfo:
     purpose: str
     bytes_per_pixel: int
     size_multiple: int = 1
+    scan_bytes_per_pixel: int | None = None
     fp16: bool = True
     bf16: bool = True
 

@@ -21,6 +21,10 @@ from .base import ArchFamily, ArchInfo, block_indices, count, expansion_ratio, s
 # projections. 120 bytes (30 values) bounds each measurement by 20-45 %; the SR head's HR features are added on
 # top (they peak after the body has freed).
 BYTES_PER_INNER_CHANNEL = 120
+# With SS2D's fused CPU scan (ops/scan/fused.py; what a CPU float32 forward runs where the C kernel builds)
+# no direction is copied: measured the same way, 18-30 bytes per inner channel (lightSR 21-26, colorDN 29,
+# classicSR x2 18, realDN 30; classicSR x4 6, its head dominates). 34 bounds them by 13-85 %.
+BYTES_PER_INNER_CHANNEL_FUSED = 34
 
 # Constructor arguments that leave no trace in the weights, with the value a network loaded from a state dict
 # gets (the constructor defaults; every official config uses them, img_range included).
@@ -129,7 +133,8 @@ def infer(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def describe(kwargs: Mapping[str, Any]) -> ArchInfo:
-    """MambaIR's memory estimate: ``120 * int(mlp_ratio * embed_dim)`` bytes per LQ pixel plus the HR head
+    """MambaIR's memory estimate: ``120 * int(mlp_ratio * embed_dim)`` bytes per LQ pixel (34 with the fused scan)
+    plus the HR head
     (pixelshuffle and nearest+conv: 64 features, twice, per HR pixel; pixelshuffledirect: the output channels,
     twice)."""
     upsampler = kwargs.get('upsampler') or ''
@@ -140,7 +145,8 @@ def describe(kwargs: Mapping[str, Any]) -> ArchInfo:
                      'pixelshuffledirect': 2 * channels}.get(upsampler, 0)
     return ArchInfo(arch_type='MambaIR', scale=scale, in_channels=channels, out_channels=channels,
                     purpose='SR' if scale > 1 else 'Restoration',
-                    bytes_per_pixel=BYTES_PER_INNER_CHANNEL * d_inner + 4 * scale ** 2 * head_channels)
+                    bytes_per_pixel=BYTES_PER_INNER_CHANNEL * d_inner + 4 * scale ** 2 * head_channels,
+                    scan_bytes_per_pixel=BYTES_PER_INNER_CHANNEL_FUSED * d_inner + 4 * scale ** 2 * head_channels)
 
 
 FAMILY = ArchFamily('MambaIR', detect=detect, infer=infer, describe=describe, untraced=UNTRACED)

@@ -10,7 +10,7 @@ import torch
 from ...errors import CheckpointError
 from ..mambairunet_arch import D_STATE, SIZE_MULTIPLE
 from .base import ArchFamily, ArchInfo, block_indices, count, expansion_ratio, shape
-from .mambair import BYTES_PER_INNER_CHANNEL, ss2d_config
+from .mambair import BYTES_PER_INNER_CHANNEL, BYTES_PER_INNER_CHANNEL_FUSED, ss2d_config
 
 LEVELS = ('encoder_level1', 'encoder_level2', 'encoder_level3', 'latent', 'decoder_level3', 'decoder_level2',
           'decoder_level1', 'refinement')
@@ -61,12 +61,13 @@ def infer(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def describe(kwargs: Mapping[str, Any]) -> ArchInfo:
     """The UNet's memory estimate: ``120 * int(mlp_ratio * 2 * dim)`` bytes per pixel (its full-resolution decoder
-    runs at 2 * dim) plus the encoder skip (``dim`` values)."""
+    runs at 2 * dim; 34 with the fused scan) plus the encoder skip (``dim`` values)."""
     dim = int(kwargs.get('dim', 48))
+    d_inner = int(float(kwargs.get('mlp_ratio', 2.0)) * 2 * dim)
     return ArchInfo(arch_type='MambaIRUNet', scale=1, in_channels=int(kwargs.get('inp_channels', 3)),
                     out_channels=int(kwargs.get('out_channels', 3)), purpose='Restoration',
-                    bytes_per_pixel=BYTES_PER_INNER_CHANNEL * int(float(kwargs.get('mlp_ratio', 2.0)) * 2 * dim)
-                    + 4 * dim, size_multiple=SIZE_MULTIPLE)
+                    bytes_per_pixel=BYTES_PER_INNER_CHANNEL * d_inner + 4 * dim,
+                    scan_bytes_per_pixel=BYTES_PER_INNER_CHANNEL_FUSED * d_inner + 4 * dim, size_multiple=SIZE_MULTIPLE)
 
 
 FAMILY = ArchFamily('MambaIRUNet', detect=detect, infer=infer, describe=describe, untraced=UNTRACED)

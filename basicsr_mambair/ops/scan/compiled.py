@@ -1,11 +1,13 @@
 """The ``compiled`` selective scan: a C kernel for CPU tensors (forward and backward), built on first use.
 
-``scan_kernel.c`` is compiled with the system's C compiler (``$CC``, else cc / gcc / clang) into a
-shared library cached under ``$MAMBAIR_CACHE_DIR`` (default ``~/.cache/basicsr_mambair``), keyed by the
-source, the compiler and the CPU, and called through ctypes on float32 tensors in place. Work is split
-over ``torch.get_num_threads()`` threads (ctypes releases the GIL). Where no compiler is found, the build
-fails or the library disagrees with the float64 reference on a small case, :func:`load` raises
-:class:`KernelUnavailable` with the reason and the caller uses the ``torch`` backend.
+``scan_kernel.c`` (the flat scan) and ``scan_fused.c`` (scans walking several orders of position-major
+inputs, :mod:`.fused`), with their shared ``scan_common.h``, are compiled with the system's C compiler
+(``$CC``, else cc / gcc / clang) into one shared library cached under ``$MAMBAIR_CACHE_DIR`` (default
+``~/.cache/basicsr_mambair``), keyed by the sources, the compiler and the CPU, and called through ctypes
+on float32 tensors in place. Work is split over ``torch.get_num_threads()`` threads (ctypes releases the
+GIL). Where no compiler is found, the build fails or the library disagrees with the float64 reference on
+a small case, :func:`load` raises :class:`KernelUnavailable` with the reason and the caller uses the
+``torch`` backend.
 
 :func:`scan` is the backend's entry point: :func:`scan_forward` serves inference, :func:`scan_autograd`
 training (its backward recomputes the states tile by tile, so nothing of size (batch, dim, L, N) is kept).
@@ -40,8 +42,10 @@ from .reference import selective_scan_reference
 __all__ = ['KernelUnavailable', 'cache_dir', 'load', 'reset', 'scan', 'scan_autograd', 'scan_forward',
            'unavailable_reason']
 
-SOURCE = Path(__file__).with_name('scan_kernel.c')
+SOURCES = tuple(Path(__file__).with_name(name) for name in ('scan_kernel.c', 'scan_fused.c'))
+HEADERS = (Path(__file__).with_name('scan_common.h'),)
 LOG2E = math.log2(math.e)
+LANES = 16  # channels per vector (W of scan_common.h): the unit of work
 # (batch, dim, L, N) elements per thread at least: below, the pool's hand-off (~0.1 ms) costs more than
 # it saves.
 MIN_PARALLEL_ELEMS = 1 << 18
@@ -53,6 +57,15 @@ class _Args(ctypes.Structure):
                 [(k, ctypes.c_int64) for k in ('batch', 'dim', 'groups', 'n', 'length', 'b_batch', 'b_group',
                                                'c_batch', 'c_group', 'softplus')] +
                 [(k, ctypes.c_void_p) for k in ('A', 'dy', 'dlast', 'du', 'ddelta', 'dA', 'dB', 'dC')])
+
+
+class FusedArgs(ctypes.Structure):
+    """``fused_args`` of scan_fused.c (same field order; used by :mod:`.fused`)."""
+    _fields_ = ([(k, ctypes.c_void_p) for k in ('u', 'proj', 'cadd', 'wdt', 'bias', 'A2', 'A', 'D', 'perm', 'y')] +
+                [(k, ctypes.c_int64) for k in ('batch', 'dim', 'n', 'r', 'dirs', 'length', 'height', 'width', 'order',
+                                               'softplus', 'u_batch', 'u_pos', 'x_batch', 'x_pos', 'x_dir',
+                                               'c_batch', 'c_step', 'unit_blocks')] +
+                [(k, ctypes.c_void_p) for k in ('starts', 'dy', 'du', 'dproj', 'dwdt', 'dbias', 'dA')])
 
 
 _lib: ctypes.CDLL | None = None
@@ -104,7 +117,7 @@ def _attempts(cc: str, version: str) -> list[tuple[list[str], str]]:
     cpu = _cpu_signature()
     # -march=native only where the cache key names the CPU, so a shared home directory never hands a
     # library built for one CPU to another. No -ffast-math: inf and NaN must behave as in PyTorch.
-    source = SOURCE.read_bytes()
+    source = b'\0'.join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     found = []
     for extra in ([['-march=native']] if cpu else []) + [[]]:
         flags = ['-O3', '-std=gnu11', '-fPIC', '-shared', *extra]
@@ -173,7 +186,7 @@ def _is_our_build(target: Path) -> bool:
 
 
 def _build() -> Path:
-    """Compile scan_kernel.c once per (source, compiler, CPU); return the shared library's path.
+    """Compile the kernel sources once per (sources, compiler, CPU); return the shared library's path.
 
     The cache is trusted only if it is ours: the folder (:func:`_cache_folder`, mode 0700) must be owned by
     the current user and not writable by others, and a cached library is loaded only if it is ours too and
@@ -189,7 +202,7 @@ def _build() -> Path:
             return target
         tmp = target.with_name(f'{target.name}.{os.getpid()}.tmp')  # concurrent builds (DDP) never clash
         try:
-            proc = subprocess.run([cc, *flags, str(SOURCE), '-o', str(tmp)], capture_output=True, text=True,
+            proc = subprocess.run([cc, *flags, *map(str, SOURCES), '-o', str(tmp)], capture_output=True, text=True,
                                   timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
@@ -204,13 +217,14 @@ def _build() -> Path:
         tmp.unlink(missing_ok=True)
         lines = proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}']
         errors.append(next((ln for ln in lines if 'error' in ln.lower()), lines[0]))
-    raise KernelUnavailable(f'{cc} could not build {SOURCE.name}: {errors[-1]}')
+    raise KernelUnavailable(f'{cc} could not build {", ".join(path.name for path in SOURCES)}: {errors[-1]}')
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
-    """The kernel on small cases with every feature (partial channel blocks, a partial tile, generic N,
+    """The flat kernel on small cases with every feature (partial channel blocks, a partial tile, generic N,
     softplus, bias, D, last state, shared and grouped B/C), forward and backward, against the float64
-    reference: a compiler that miscompiles it is caught here, not in a user's results."""
+    reference: a compiler that miscompiles it is caught here, not in a user's results. The fused entry points
+    have their own check (:func:`.fused.load`)."""
     with torch.inference_mode(False), torch.enable_grad():  # the first scan may come from inference code
         _compare_with_reference(lib)
 
@@ -255,6 +269,13 @@ def load() -> ctypes.CDLL:
             lib.mambair_scan_backward.restype = ctypes.c_int
             lib.mambair_step_major.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, *counter]
             lib.mambair_step_major.restype = None
+            fused_args = ctypes.POINTER(FusedArgs)
+            lib.mambair_fused_forward.argtypes = [fused_args, *counter]
+            lib.mambair_fused_forward.restype = ctypes.c_int
+            lib.mambair_fused_backward.argtypes = [fused_args, *counter]
+            lib.mambair_fused_backward.restype = ctypes.c_int
+            lib.mambair_fused_starts_size.argtypes = [fused_args]
+            lib.mambair_fused_starts_size.restype = ctypes.c_int64
             _self_check(lib)
             _lib = lib
         except KernelUnavailable as exc:
@@ -277,22 +298,29 @@ def reset() -> None:
     _lib = _error = None
 
 
-def _ptr(t: Tensor | None) -> int | None:
+def ptr(t: Tensor | None) -> int | None:
+    """A tensor's data pointer for a ctypes struct field (NULL for None)."""
     return None if t is None else t.data_ptr()
 
 
-def _parallel(fn: Callable, count: int, *args: object, elems: int) -> list:
-    """fn(*args, counter, count) on torch's intra-op thread count, each thread taking work units from the
-    shared counter; at most one thread per MIN_PARALLEL_ELEMS of ``elems``. Returns each call's result."""
+def workers(elems: int) -> int:
+    """Threads for a scan over ``elems`` (batch, dim, L, N) values: torch's intra-op thread count, at most
+    one per MIN_PARALLEL_ELEMS."""
+    return min(torch.get_num_threads(), max(1, elems // MIN_PARALLEL_ELEMS))
+
+
+def parallel(fn: Callable, count: int, *args: object, elems: int) -> list:
+    """fn(*args, counter, count) on :func:`workers` threads (at most ``count``), each taking work units from
+    the shared counter. Returns each call's result."""
     global _pool, _pool_size
     counter = ctypes.c_int64(0)
     call = functools.partial(fn, *args, ctypes.byref(counter), count)
-    workers = min(torch.get_num_threads(), count, max(1, elems // MIN_PARALLEL_ELEMS))
-    if workers <= 1:
+    workers_now = min(workers(elems), count)
+    if workers_now <= 1:
         return [call()]
-    if _pool is None or _pool_size != workers - 1:
-        _pool, _pool_size = ThreadPoolExecutor(workers - 1, thread_name_prefix='mambair-scan'), workers - 1
-    jobs = [_pool.submit(call) for _ in range(workers - 1)]
+    if _pool is None or _pool_size != workers_now - 1:
+        _pool, _pool_size = ThreadPoolExecutor(workers_now - 1, thread_name_prefix='mambair-scan'), workers_now - 1
+    jobs = [_pool.submit(call) for _ in range(workers_now - 1)]
     return [call()] + [job.result() for job in jobs]  # the calling thread works too
 
 
@@ -313,9 +341,9 @@ class _Call:
         (self.B, b_batch, b_group), (self.C, c_batch, c_group) = self._step_major(B), self._step_major(C)
         self.D = None if D is None else D.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
-        self.args = _Args(_ptr(self.u), _ptr(self.delta), _ptr(self.A2), _ptr(self.B), _ptr(self.C), _ptr(self.D),
-                          _ptr(self.bias), None, None, batch, dim, self.groups, self.n, length, b_batch, b_group,
-                          c_batch, c_group, int(softplus), _ptr(self.A))
+        self.args = _Args(ptr(self.u), ptr(self.delta), ptr(self.A2), ptr(self.B), ptr(self.C), ptr(self.D),
+                          ptr(self.bias), None, None, batch, dim, self.groups, self.n, length, b_batch, b_group,
+                          c_batch, c_group, int(softplus), ptr(self.A))
 
     def _step_major(self, t: Tensor) -> Tuple[Tensor, int, int]:
         """B or C, (batch, N, L) or (batch, G, N, L), as float32 (..., L, N); its batch and group strides.
@@ -330,7 +358,7 @@ class _Call:
         dst = torch.empty(*src.shape[:-2], length, n)
         rows = src.numel() // (n * length)
         row_stride = src.stride(0) if src.dim() == 3 else src.stride(1)
-        _parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, row_stride,
+        parallel(self.lib.mambair_step_major, rows, src.data_ptr(), dst.data_ptr(), n, length, row_stride,
                   src.stride(-2), src.stride(-1), elems=self.elems)
         return (dst, length * n, 0) if t.dim() == 3 else (dst, dst.shape[1] * length * n, length * n)
 
@@ -338,7 +366,7 @@ class _Call:
         """Point the struct's output / gradient fields at ``tensors`` (kept alive here)."""
         for name, t in tensors.items():
             setattr(self, f'_{name}', t)
-            setattr(self.args, name, _ptr(t))
+            setattr(self.args, name, ptr(t))
 
     def forward(self, last_state: bool) -> Tuple[Tensor, Tensor | None]:
         batch, dim, _ = self.shape
@@ -346,7 +374,7 @@ class _Call:
         last = self.u.new_empty(batch, dim, self.n) if last_state else None
         self.set(y=y, last=last)
         units = self.lib.mambair_scan_units(ctypes.byref(self.args))
-        _parallel(self.lib.mambair_scan_forward, units, ctypes.byref(self.args), elems=self.elems)
+        parallel(self.lib.mambair_scan_forward, units, ctypes.byref(self.args), elems=self.elems)
         return y, last
 
     def backward(self, dy: Tensor, dlast: Tensor | None) -> Tuple[Tensor, ...]:
@@ -358,7 +386,7 @@ class _Call:
                  'dB': self.u.new_empty(batch, self.groups, length, self.n),
                  'dC': self.u.new_empty(batch, self.groups, length, self.n)}
         self.set(dy=dy.float().contiguous(), dlast=None if dlast is None else dlast.float().contiguous(), **grads)
-        status = _parallel(self.lib.mambair_scan_backward, batch * self.groups, ctypes.byref(self.args),
+        status = parallel(self.lib.mambair_scan_backward, batch * self.groups, ctypes.byref(self.args),
                            elems=self.elems)
         if any(status):
             raise MemoryError('selective scan backward: no memory for its per-thread buffers')

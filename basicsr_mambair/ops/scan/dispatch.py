@@ -16,14 +16,14 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import chunked, compiled, cuda, triton
+from . import chunked, compiled, cuda, fused, triton
 from .common import ScanOut, compute_dtype, needs_graph
 from .reference import selective_scan_reference
 
 __all__ = ['BACKENDS', 'ENV_VAR', 'ScanCall', 'get_backend', 'observe', 'reset', 'resolve_backend', 'run',
            'scan_backend']
 
-BACKENDS = ('auto', 'cuda', 'triton', 'compiled', 'torch', 'reference')
+BACKENDS = ('auto', 'cuda', 'triton', 'compiled', 'compiled-unfused', 'torch', 'reference')
 ENV_VAR = 'MAMBAIR_SCAN'
 
 _logger = logging.getLogger('basicsr')
@@ -109,13 +109,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             _warn_once('triton-unavailable', f'selective scan backend "triton" is unavailable: {reason}; '
                                              'falling back to the pure PyTorch scan')
             name = 'torch'
-    elif name == 'compiled':
+    elif name in ('compiled', 'compiled-unfused'):
         if device.type != 'cpu':
-            _warn_once('compiled-device', f'selective scan backend "compiled" needs CPU tensors (got '
+            _warn_once('compiled-device', f'selective scan backend "{name}" needs CPU tensors (got '
                                           f'{device.type}); falling back to the pure PyTorch scan')
             name = 'torch'
         elif (reason := compiled.unavailable_reason()) is not None:
-            _warn_once('compiled-build', f'selective scan backend "compiled" is unavailable: {reason}; '
+            _warn_once('compiled-build', f'selective scan backend "{name}" is unavailable: {reason}; '
                                          'falling back to the pure PyTorch scan')
             name = 'torch'
     if name not in _logged:
@@ -125,12 +125,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def reset() -> None:
-    """Forget the one-time log/warning records, the kernel build, the Triton check and the ``mamba_ssm`` import
-    (for tests)."""
+    """Forget the one-time log/warning records, the kernel build and its checks, the Triton check and the
+    ``mamba_ssm`` import (for tests)."""
     _logged.clear()
     _warned.clear()
     cuda.reset()
     compiled.reset()
+    fused.reset()
     triton.reset()
 
 
@@ -160,8 +161,8 @@ def observe(callback: Callable[[ScanCall], None]) -> Iterator[None]:
         _observers.remove(callback)
 
 
-_IMPLEMENTATIONS = {'cuda': cuda.scan, 'triton': triton.scan, 'compiled': compiled.scan, 'torch': chunked.scan,
-                    'reference': selective_scan_reference}
+_IMPLEMENTATIONS = {'cuda': cuda.scan, 'triton': triton.scan, 'compiled': compiled.scan,
+                    'compiled-unfused': compiled.scan, 'torch': chunked.scan, 'reference': selective_scan_reference}
 
 
 def run(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,

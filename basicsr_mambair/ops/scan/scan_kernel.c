@@ -10,86 +10,7 @@
  * broadcast. Time is cut into tiles of TILE steps whose dt, dt*u and y are transposed into
  * (step, channel) order in a small buffer.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define W 16    /* channels per vector (one AVX-512 register; two AVX2 or four SSE/NEON registers) */
-#define TILE 64 /* steps per tile: the tile's dt, x and y buffers (3 x 4 KB) stay in L1 */
-
-typedef float vf __attribute__((vector_size(W * 4), aligned(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4), aligned(W * 4)));
-
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE vf splat(float x) { return (vf){} + x; } /* (-0.0 becomes +0.0: not used for signs) */
-INLINE vf sel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-
-/* 2^f for |f| <= 0.5: fitted polynomial, relative error 1.9e-9 before float32 rounding (under 1e-7
- * measured in float32) */
-INLINE vf exp2_reduced(vf f) {
-    vf p = splat(0.00015347296721301973f);
-    p = p * f + 0.0013399943709373474f;
-    p = p * f + 0.009618483483791351f;
-    p = p * f + 0.05550328642129898f;
-    p = p * f + 0.24022646248340607f;
-    p = p * f + 0.6931471824645996f;
-    return p * f + 1.0f;
-}
-
-/* Adding 1.5 * 2^23 rounds to an integer kept in the low mantissa bits; with the +127 bias, shifting
- * those bits into the exponent field gives 2^k. */
-#define ROUNDER (12582912.0f + 127.0f)
-
-/* 2^p for p in [-125, 127] (no range checks; the caller makes sure) */
-INLINE vf exp2_fast(vf p) {
-    vf t = p + ROUNDER;
-    vf k = t - ROUNDER;
-    return exp2_reduced(p - k) * (vf)((vi)t << 23);
-}
-
-/* 2^p for any p: 0 below -126 (where float32 would be subnormal), inf from 128 on, NaN stays NaN.
- * 2^k must stay <= 2^127 for the exponent-field trick, so p in (127, 128] is done as 2^(p-1) * 2. */
-INLINE vf exp2_any(vf p) {
-    const vf lo = splat(-126.0f), hi = splat(127.0f);
-    vf q = sel(p < lo, lo, sel(p > splat(128.0f), splat(128.0f), p));
-    const vi big = q > hi;
-    vf y = exp2_fast(sel(big, q - 1.0f, q)) * sel(big, splat(2.0f), splat(1.0f));
-    return sel(p < lo, splat(0.0f), y);
-}
-
-/* e^x for x <= 0 (NaN stays NaN; 0 where float32 would be subnormal). Unlike 2^(x * log2(e)), whose
- * rounded exponent costs |x| * 6e-8 of relative accuracy, the reduction x = k ln2 + r is done with ln2
- * in two parts (k * LN2_HI is exact), so the result is good to about an ulp over the whole range. */
-INLINE vf exp_nonpositive(vf x) {
-    const vf lo = splat(-87.33654f); /* ln(2^-126) */
-    vf xc = sel(x < lo, lo, x);
-    vf t = xc * 1.4426950408889634f + ROUNDER;
-    vf k = t - ROUNDER;
-    vf r = (xc - k * 0.693145751953125f) - k * 1.4286068203094173e-06f;
-    vf y = exp2_reduced(r * 1.4426950408889634f) * (vf)((vi)t << 23);
-    return sel(x < lo, splat(0.0f), y);
-}
-
-/* softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p(y) = 2 atanh(s) with s = y / (2 + y) in [0, 1/3]:
- * the odd series to s^15 is within 1e-9, and there is no 1 + y rounding. Above 20 this rounds to x,
- * like mamba_ssm's threshold. Also returns its slope sigmoid(x) (for the backward pass). */
-INLINE vf softplus(vf x, vf *slope) {
-    vf y = exp_nonpositive((vf)((vi)x | INT32_MIN)); /* exp(-|x|) */
-    vf s = y / (y + 2.0f);
-    vf z = s * s;
-    vf p = splat(1.0f / 15.0f);
-    p = p * z + 1.0f / 13.0f;
-    p = p * z + 1.0f / 11.0f;
-    p = p * z + 1.0f / 9.0f;
-    p = p * z + 1.0f / 7.0f;
-    p = p * z + 1.0f / 5.0f;
-    p = p * z + 1.0f / 3.0f;
-    p = p * z + 1.0f;
-    const vi positive = x > splat(0.0f);
-    if (slope) *slope = sel(positive, splat(1.0f), y) / (y + 1.0f);
-    return sel(positive, x, splat(0.0f)) + (s + s) * p;
-}
+#include "scan_common.h"
 
 /* Float32 tensors, contiguous. u, delta, y, dy, du, ddelta: (batch, dim, L); A, A2 = A * log2(e): (dim, N);
  * dA: (batch, dim, N), summed over the batch by the caller; B, C step-major (batch, G or 1, L, N) with the
@@ -148,54 +69,21 @@ INLINE void store_steps(float *dst, const vf *src, int64_t L, int64_t l0, int64_
         for (int64_t t = 0; t < T; t++) dst[w * L + l0 + t] = src[t][w];
 }
 
-/* dt = softplus(delta + bias) (or delta + bias) and x = dt * u for the tile's steps (u read from x);
- * slope (if not NULL) = d dt / d delta. Returns whether every exponent dt * A2 of the tile is inside the
- * range of normal floats, so that the unchecked exp may be used. */
+/* dt and x = dt * u for the tile's steps (u read from x); slope (if not NULL) = d dt / d delta. Returns
+ * whether the unchecked exp may be used for the tile (exps_in_range). */
 INLINE int prepare_tile(const scan_args *s, const block_info *k, int64_t l0, int64_t T, vf *dt, vf *x,
                         vf *slope) {
     load_steps(dt, s->delta + k->off, s->length, l0, T, k->lanes);
     load_steps(x, s->u + k->off, s->length, l0, T, k->lanes);
     vf dlo = splat(__builtin_inff()), dhi = -dlo;
     for (int64_t t = 0; t < T; t++) {
-        vf d = dt[t] + k->bias;
-        if (s->softplus) d = softplus(d, slope ? &slope[t] : 0);
-        else if (slope) slope[t] = splat(1.0f);
-        d = sel(k->in_block, d, splat(0.0f)); /* padding lanes (never loaded) become exactly 0 */
+        const vf d = step_dt(dt[t], k->bias, s->softplus, k->in_block, slope ? &slope[t] : 0);
         dt[t] = d;
         x[t] = sel(k->in_block, d * x[t], splat(0.0f));
         dlo = sel(d < dlo, d, dlo);
         dhi = sel(d > dhi, d, dhi);
     }
-    float lo = __builtin_inff(), hi = -lo;
-    for (int64_t w = 0; w < W; w++) {
-        lo = dlo[w] < lo ? dlo[w] : lo;
-        hi = dhi[w] > hi ? dhi[w] : hi;
-    }
-    /* Every exponent dt * A2 lies between these corner products; when all are inside the range of
-     * normal floats the exp needs no checks (the usual case: dt >= 0, A <= 0, moderate decays).
-     * NaN or inf anywhere fails the test and takes the checked path. */
-    const float c1 = lo * k->amin, c2 = lo * k->amax, c3 = hi * k->amin, c4 = hi * k->amax;
-    return c1 >= -125.0f && c2 >= -125.0f && c3 >= -125.0f && c4 >= -125.0f &&
-           c1 <= 127.0f && c2 <= 127.0f && c3 <= 127.0f && c4 <= 127.0f;
-}
-
-/* T steps of one tile from state h; y[t] = C . h (if y), all decays and states kept (if as, hs).
- * N, safe and the NULL-ness of the outputs are constants after inlining. */
-INLINE void scan_tile(const int64_t N, const int safe, vf *h, const vf *a2, const vf *dt, const vf *x,
-                      const float *B, const float *C, int64_t T, vf *y, vf *as, vf *hs) {
-    for (int64_t t = 0; t < T; t++) {
-        vf d = dt[t], xv = x[t], acc = splat(0.0f);
-        const float *bt = B + t * N, *ct = C + t * N;
-        for (int64_t n = 0; n < N; n++) {
-            vf p = d * a2[n];
-            vf a = safe ? exp2_any(p) : exp2_fast(p);
-            h[n] = a * h[n] + xv * bt[n];
-            if (y) acc += h[n] * ct[n];
-            if (as) as[t * N + n] = a;
-            if (hs) hs[t * N + n] = h[n];
-        }
-        if (y) y[t] = acc;
-    }
+    return exps_in_range(dlo, dhi, k->amin, k->amax);
 }
 
 INLINE void forward_block(const int64_t N, const scan_args *s, int64_t b, int64_t g, int64_t d0, int64_t lanes) {
@@ -222,20 +110,6 @@ INLINE void forward_block(const int64_t N, const scan_args *s, int64_t b, int64_
     if (s->last)
         for (int64_t w = 0; w < lanes; w++)
             for (int64_t n = 0; n < N; n++) s->last[(b * s->dim + d0 + w) * N + n] = h[n][w];
-}
-
-/* Sum of the W = 16 lanes, as a tree of half-width additions. */
-_Static_assert(W == 16, "lane_sum assumes 16 lanes");
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-INLINE float lane_sum(vf v) {
-    vf8 h8[2];
-    memcpy(h8, &v, sizeof v);
-    vf8 s8 = h8[0] + h8[1];
-    vf4 h4[2];
-    memcpy(h4, &s8, sizeof s8);
-    vf4 s4 = h4[0] + h4[1];
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 /* Backward of one block. The states are recomputed: one forward pass keeps the state at every tile
@@ -299,12 +173,6 @@ INLINE void backward_block(const int64_t N, const scan_args *s, int64_t b, int64
     for (int64_t w = 0; w < lanes; w++)
         for (int64_t n = 0; n < N; n++) s->dA[(b * s->dim + d0 + w) * N + n] = dA[n][w];
 }
-
-/* Work is handed out in units taken from a shared counter (*next, atomically incremented) until
- * `count` are taken: every calling thread runs this same loop, so a thread slowed down (say, by
- * another library's idle threads still spinning on its core) simply takes fewer units. */
-#define FOR_EACH_UNIT(unit, next, count) \
-    for (int64_t unit; (unit = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) < (count);)
 
 /* Number of forward work units: blocks of up to W channels of one group of one batch element. */
 int64_t mambair_scan_units(const scan_args *s) {
