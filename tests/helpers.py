@@ -150,6 +150,22 @@ def shell_words(cmd: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------
 # selective scan checks (test_selective_scan.py, test_compiled_scan.py)
 # ------------------------------------------------------------------------------------------------
+HAS_COMPILER = any(shutil.which(c) for c in ('cc', 'gcc', 'clang'))
+
+
+def require_kernel(load) -> None:
+    """Call a C kernel's ``load()``: where a C compiler exists it must build and pass its self-check (a failure is
+    a bug, not a skip); only a machine without one skips."""
+    from basicsr_mambair.errors import KernelUnavailable
+
+    try:
+        load()
+    except KernelUnavailable as exc:
+        if HAS_COMPILER:
+            pytest.fail(f'the compiled scan does not build with the compiler present: {exc}')
+        pytest.skip(f'no C compiler: {exc}')
+
+
 SCAN_GRAD_NAMES = ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'delta_bias')
 # the optional parts of a scan call, each combination a test case (pytest.param with an id)
 SCAN_OPTION_CASES = [

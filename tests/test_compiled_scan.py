@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import subprocess
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SCAN_OPTION_CASES, assert_close, scan_with_grads
+from helpers import SCAN_OPTION_CASES, assert_close, require_kernel, scan_with_grads
 
 from basicsr_mambair.errors import KernelUnavailable
 from basicsr_mambair.ops import scan as ss
 from basicsr_mambair.ops.scan import compiled, selective_scan, selective_scan_reference
-
-HAS_COMPILER = any(shutil.which(c) for c in ('cc', 'gcc', 'clang'))
 
 
 @pytest.fixture(autouse=True)
@@ -26,12 +23,7 @@ def kernel():
     """The built kernel. Where a C compiler exists it must build and pass its self-check (a failure here is
     a bug, not a skip); only a machine without one skips."""
     compiled.reset()
-    try:
-        compiled.load()
-    except KernelUnavailable as exc:
-        if HAS_COMPILER:
-            pytest.fail(f'the compiled scan does not build with the compiler present: {exc}')
-        pytest.skip(f'no C compiler: {exc}')
+    require_kernel(compiled.load)
     yield
     compiled.reset()
     ss.reset()

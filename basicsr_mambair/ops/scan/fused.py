@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ...errors import KernelUnavailable
-from . import compiled
+from . import common, compiled
 from .common import needs_graph
 from .orders import NUM_CROSS_DIRECTIONS, check_permutation, cross_positions, ordered_scan
 
@@ -182,11 +182,7 @@ def load() -> ctypes.CDLL:
 
 def unavailable_reason() -> str | None:
     """Why the fused entry points cannot be used here (one line), or None when they can."""
-    try:
-        load()
-    except KernelUnavailable as exc:
-        return str(exc)
-    return None
+    return common.unavailable_reason(load)
 
 
 def reset() -> None:

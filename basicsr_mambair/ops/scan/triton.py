@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...errors import KernelUnavailable
-from . import chunked
+from . import chunked, common
 from .common import ScanOut, check_shapes, compute_dtype, finish, needs_graph
 from .reference import selective_scan_reference
 
@@ -105,11 +105,7 @@ def load() -> ModuleType:
 
 def unavailable_reason() -> str | None:
     """Why the backend cannot be used (one line), or None when it can; compiles and checks on the first call."""
-    try:
-        load()
-    except KernelUnavailable as exc:
-        return str(exc)
-    return None
+    return common.unavailable_reason(load)
 
 
 def reset() -> None:
