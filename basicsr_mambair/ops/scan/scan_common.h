@@ -31,6 +31,18 @@ INLINE vf exp2_reduced(vf f) {
     return p * f + 1.0f;
 }
 
+/* 2^f for |f| <= 0.5 one degree lower, for the scan's decays exp(dt * A) only: relative error 9.5e-8 before
+ * float32 rounding, 1.8e-7 (3 ulp) measured in float32, well inside what the float32 recurrence itself loses;
+ * one FMA fewer in the innermost step (measured: the scan is bound by its vector arithmetic). */
+INLINE vf exp2_decay(vf f) {
+    vf p = splat(0.0013276708814920738f);
+    p = p * f + 0.009671509024757366f;
+    p = p * f + 0.05550692512404636f;
+    p = p * f + 0.24022242172694183f;
+    p = p * f + 0.6931470088685675f;
+    return p * f + 1.0f;
+}
+
 /* Adding 1.5 * 2^23 rounds to an integer kept in the low mantissa bits; with the +127 bias, shifting
  * those bits into the exponent field gives 2^k. */
 #define ROUNDER (12582912.0f + 127.0f)
@@ -42,13 +54,13 @@ INLINE vf exp2_reduced(vf f) {
  * this is the innermost operation of every scan step, so on AVX-512 it is worth its own version. */
 INLINE vf exp2_fast(vf p) {
     const __m512 k = _mm512_roundscale_ps((__m512)p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return (vf)_mm512_scalef_ps((__m512)exp2_reduced(p - (vf)k), k);
+    return (vf)_mm512_scalef_ps((__m512)exp2_decay(p - (vf)k), k);
 }
 #else
 INLINE vf exp2_fast(vf p) {
     vf t = p + ROUNDER;
     vf k = t - ROUNDER;
-    return exp2_reduced(p - k) * (vf)((vi)t << 23);
+    return exp2_decay(p - k) * (vf)((vi)t << 23);
 }
 #endif
 
@@ -75,24 +87,25 @@ INLINE vf exp_nonpositive(vf x) {
     return sel(x < lo, splat(0.0f), y);
 }
 
-/* softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p(y) = 2 atanh(s) with s = y / (2 + y) in [0, 1/3]:
- * the odd series to s^15 is within 1e-9, and there is no 1 + y rounding. Above 20 this rounds to x,
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p(y) = y P(y) for y in [0, 1] with a fitted degree-9 P
+ * (relative error 4.7e-9 before float32 rounding, 1.6e-7 measured in float32; no division: this runs once
+ * per step and channel, and a division there cost as much as a fifth of a scan). Above 20 this rounds to x,
  * like mamba_ssm's threshold. Also returns its slope sigmoid(x) (for the backward pass). */
 INLINE vf softplus(vf x, vf *slope) {
     vf y = exp_nonpositive((vf)((vi)x | INT32_MIN)); /* exp(-|x|) */
-    vf s = y / (y + 2.0f);
-    vf z = s * s;
-    vf p = splat(1.0f / 15.0f);
-    p = p * z + 1.0f / 13.0f;
-    p = p * z + 1.0f / 11.0f;
-    p = p * z + 1.0f / 9.0f;
-    p = p * z + 1.0f / 7.0f;
-    p = p * z + 1.0f / 5.0f;
-    p = p * z + 1.0f / 3.0f;
-    p = p * z + 1.0f;
+    vf p = splat(-0.0032479262445122004f);
+    p = p * y + 0.01986919343471527f;
+    p = p * y - 0.056993160396814346f;
+    p = p * y + 0.10607100278139114f;
+    p = p * y - 0.15307654440402985f;
+    p = p * y + 0.196766659617424f;
+    p = p * y - 0.24954278767108917f;
+    p = p * y + 0.33329975605010986f;
+    p = p * y - 0.4999990165233612f;
+    p = p * y + 1.0f;
     const vi positive = x > splat(0.0f);
     if (slope) *slope = sel(positive, splat(1.0f), y) / (y + 1.0f);
-    return sel(positive, x, splat(0.0f)) + (s + s) * p;
+    return sel(positive, x, splat(0.0f)) + y * p;
 }
 
 /* The step dt = softplus(delta + bias) (or delta + bias), exactly 0 in the lanes outside `in_block`
