@@ -261,7 +261,7 @@ def test_bf16_autocast_keeps_the_scan_in_float32(monkeypatch: pytest.MonkeyPatch
             return real_scan(*args, **kwargs)
         return call
 
-    for name in ('selective_scan', 'permuted_selective_scan'):  # unfused and fused (the kernel sorts)
+    for name in ('selective_scan', 'scan_permuted'):  # unfused and fused (the kernel sorts)
         monkeypatch.setattr(assm_module, name, spy(getattr(assm_module, name)))
     expected = forward(model, x)
     calls.clear()

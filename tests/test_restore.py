@@ -497,7 +497,7 @@ def test_bf16_on_the_cpu_keeps_the_scan_in_float32(family: str, checkpoints, ima
             return scan(u, *args, **kwargs)
         return call
 
-    for name in ('selective_scan', 'scan_cross', 'permuted_selective_scan'):  # unfused, fused (v1 and v2)
+    for name in ('selective_scan', 'scan_cross', 'scan_permuted'):  # unfused, fused (v1 and v2)
         if hasattr(module, name):
             monkeypatch.setattr(module, name, recording(getattr(module, name)))
     half = restore(load_model(state, device='cpu', precision='bf16'), image, bgr=True)

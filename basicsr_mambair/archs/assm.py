@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.linear import linear
-from ..ops.scan import permuted_selective_scan, selective_scan, uses_fused_kernel
+from ..ops.scan import selective_scan, uses_fused_kernel
+from ..ops.scan.fused import scan_permuted
 from .arch_util import autocast_disabled
 from .ss2d import init_ssm_parameters
 
@@ -106,9 +107,8 @@ class SelectiveScan(nn.Module):
         Returns (B, L, D) float32 in raster order."""
         proj = linear(u, self.x_proj_weight[0])  # (B, L, R + 2N); projecting commutes with the permutation
         with autocast_disabled(u.device.type):
-            return permuted_selective_scan(u.float(), proj.float(), self.dt_projs_weight.float(),
-                                           self.dt_projs_bias.float(), -torch.exp(self.A_logs.float()),
-                                           self.Ds.float(), perm, c_add=prompt.float())
+            return scan_permuted(u.float(), proj.float(), self.dt_projs_weight.float(), self.dt_projs_bias.float(),
+                                 -torch.exp(self.A_logs.float()), self.Ds.float(), perm, c_add=prompt.float())
 
     def extra_repr(self) -> str:
         return f'd_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}'

@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = ['is_tracing', 'linear', 'onednn_available']
 
 _available: bool | None = None
+_is_compiling = getattr(getattr(torch, 'compiler', None), 'is_compiling', lambda: False)  # torch >= 2.3
 
 
 def onednn_available() -> bool:
@@ -45,7 +46,7 @@ def _cpu_autocast() -> bool:
 def is_tracing() -> bool:
     """Whether ``torch.onnx.export`` or ``torch.compile`` is recording a graph: CPU-speed rewrites then give way
     to the standard ops (which those graphs know how to express)."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+    return torch.onnx.is_in_onnx_export() or _is_compiling()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

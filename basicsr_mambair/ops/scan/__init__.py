@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..linear import is_tracing
 from . import chunked, compiled, cuda, fused, onnx_node, op, triton  # noqa: F401  (the backends, as attributes)
 from .common import ScanOut, compute_dtype
 from .dispatch import BACKENDS, ENV_VAR, get_backend, reset, resolve_backend, run, scan_backend
@@ -78,7 +79,7 @@ def uses_fused_kernel(device: torch.device, dtype: torch.dtype, backend: str | N
     (as :func:`selective_scan` resolves it) is ``compiled``, the computation dtype float32, the fused entry
     points passed their self-check, and neither
     ``torch.onnx.export`` nor ``torch.compile`` is tracing (both take the unfused path's single op)."""
-    if torch.onnx.is_in_onnx_export() or op.compiling():  # those need the one-call graph of selective_scan
+    if is_tracing():  # ONNX export and torch.compile need the one-call graph of selective_scan
         return False
     return (resolve_backend(backend, device) == 'compiled' and compute_dtype(dtype) == torch.float32
             and fused.unavailable_reason() is None)
