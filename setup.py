@@ -1,10 +1,59 @@
 """basicsr-mambair: MambaIR image restoration as a BasicSR plugin (runs with or without a GPU)."""
 
+from __future__ import annotations
+
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 here = Path(__file__).parent
+# `python -m basicsr.train|test` -> basicsr_mambair.train|test (see _basicsr_mambair_redirect.py): a .pth file
+# must sit in site-packages itself, which setuptools offers no option for; its own distutils-precedence.pth
+# is installed the same way, by a build step that writes it next to the packages.
+# Its one line runs at every start of Python in that environment: it only imports the (tiny) module when the
+# command line names `basicsr.`.
+PTH = 'basicsr_mambair_redirect.pth'
+PTH_LINE = ("import sys; any('basicsr.' in a for a in getattr(sys, 'orig_argv', ())) and "
+            "__import__('_basicsr_mambair_redirect').install()\n")
+
+
+def write_pth(folder: str | Path) -> str:
+    path = os.path.join(folder, PTH)
+    Path(path).write_text(PTH_LINE)
+    return path
+
+
+class BuildPyWithPth(build_py):
+    """build_py that also puts the .pth file at the root of the wheel."""
+
+    def run(self) -> None:
+        super().run()
+        if not getattr(self, 'editable_mode', False):  # editable: EditableWheelWithPth below
+            os.makedirs(self.build_lib, exist_ok=True)
+            write_pth(self.build_lib)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list:
+        extra = [] if getattr(self, 'editable_mode', False) else [os.path.join(self.build_lib, PTH)]
+        return [*super().get_outputs(include_bytecode), *extra]
+
+
+cmdclass = {'build_py': BuildPyWithPth}
+try:  # setuptools >= 64: `pip install -e` builds an editable wheel, which ignores build_py's extra files
+    from setuptools.command.editable_wheel import editable_wheel
+
+    class EditableWheelWithPth(editable_wheel):
+        """editable_wheel that also puts the .pth file at the root of the editable wheel."""
+
+        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+            outputs = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+            write_pth(unpacked_wheel)
+            return outputs
+
+    cmdclass['editable_wheel'] = EditableWheelWithPth
+except ImportError:
+    pass
 version = {}
 exec((here / 'basicsr_mambair' / 'version.py').read_text(), version)
 
@@ -16,6 +65,8 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['basicsr_mambair', 'basicsr_mambair.*']),
+    py_modules=['_basicsr_mambair_redirect'],
+    cmdclass=cmdclass,
     include_package_data=True,
     # the C scan kernel, compiled on first use (ops/scan/compiled.py)
     package_data={'basicsr_mambair.ops.scan': ['scan_kernel.c', 'scan_fused.c', 'scan_common.h']},
