@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,13 @@ def cli_env(**extra: str) -> dict[str, str]:
     env['OMP_NUM_THREADS'] = '1'
     env.update(extra)
     return env
+
+
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def arch_class(arch_type: str) -> type[torch.nn.Module]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, free_port
 from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_train_options, write_options
 
 from _basicsr_mambair_redirect import OPT_OUT, module_of
@@ -106,6 +106,12 @@ def test_python_m_basicsr_train_and_test_run_ours_from_the_wheel(wheel_python, t
     # CPU resume (stock BasicSR maps the state onto CUDA) with a longer schedule
     _run(python, '-m', 'basicsr.train', '-opt', str(yml), '--auto_resume', '--force_yml', 'train:total_iter=4', cwd=run)
     assert (run / 'experiments' / 'tiny' / 'models' / 'net_g_4.pth').is_file()
+    # torchrun starts its workers as `python -u -m basicsr.train`: gloo on the CPU, one note (rank 0)
+    proc = _run(python, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}', '-m',
+                'basicsr.train', '-opt', str(yml), '--launcher', 'pytorch', '--force_yml', 'name=ddp', cwd=run)
+    assert (proc.stdout + proc.stderr).count(NOTE) == 1
+    log = next((run / 'experiments' / 'ddp').glob('train_*.log')).read_text()
+    assert 'World size (gpu number): 2' in log and 'End of training' in log
 
     test_yml = tmp_path / 'test.yml'
     test_yml.write_text(yaml.safe_dump(_test_options('tiny_test', hr_dir, lr_dir, weights)))

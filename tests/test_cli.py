@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from helpers import REPO, cli_command, cli_env, run_cli
+from helpers import REPO, cli_command, cli_env, free_port, run_cli
 from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_train_options, write_options
 
 EXPECTED_REGISTERED = {
@@ -188,17 +187,11 @@ def test_resume_after_sigkill(tmp_path, sr_data):
     assert latest.stat().st_mtime_ns == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_on_cpu_with_torchrun(tmp_path, sr_data):
     hr, lr = sr_data
     opt_file = write_options(tmp_path / 'train.yml',
                              sr_train_options('ddp', hr, lr, TINY_NETWORK, total_iter=6, save_freq=6, val_freq=6))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
            str(REPO / 'basicsr_mambair' / 'train.py'), '-opt', str(opt_file), '--launcher', 'pytorch']
     # on the CPU (gloo) also where a GPU is present: two processes cannot share one GPU under nccl
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(CUDA_VISIBLE_DEVICES=''), capture_output=True, text=True,

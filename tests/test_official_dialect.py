@@ -9,7 +9,6 @@ chop, a HAT-style plugin script (resume and torchrun on the CPU), and one-line e
 
 from __future__ import annotations
 
-import socket
 import string
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cli_env, run_cli
+from helpers import cli_env, free_port, run_cli
 
 from basicsr_mambair.data.util import encode_jpeg
 from basicsr_mambair.errors import OptionError
@@ -489,12 +488,6 @@ if __name__ == '__main__':
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_plugin_script_with_lists_of_roots_resumes_and_runs_ddp_on_cpu(tmp_path, monkeypatch):
     from tiny_experiments import make_sr_pairs
 
@@ -530,7 +523,7 @@ def test_plugin_script_with_lists_of_roots_resumes_and_runs_ddp_on_cpu(tmp_path,
     assert (exp / 'models' / 'net_g_6.pth').is_file()
     # torchrun on the CPU: gloo although the file says nccl
     run('--launcher', 'pytorch', '--force_yml', 'name=ddp', launcher=[
-        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}'])
+        sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}'])
     log = next((tmp_path / 'experiments' / 'ddp').glob('train_*.log')).read_text()
     assert 'World size (gpu number): 2' in log and 'End of training' in log
 
