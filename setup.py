@@ -19,24 +19,24 @@ PTH_LINE = ("import sys; any('basicsr.' in a for a in getattr(sys, 'orig_argv', 
             "__import__('_basicsr_mambair_redirect').install()\n")
 
 
-def write_pth(folder: str | Path) -> str:
-    path = os.path.join(folder, PTH)
-    Path(path).write_text(PTH_LINE)
-    return path
+def write_pth(folder: str | Path) -> None:
+    os.makedirs(folder, exist_ok=True)
+    Path(folder, PTH).write_text(PTH_LINE)
 
 
 class BuildPyWithPth(build_py):
-    """build_py that also puts the .pth file at the root of the wheel."""
+    """build_py that also puts the .pth file at the root of the wheel (editable wheels: EditableWheelWithPth)."""
+
+    def _pth_outputs(self) -> list[str]:
+        return [] if getattr(self, 'editable_mode', False) else [os.path.join(self.build_lib, PTH)]
 
     def run(self) -> None:
         super().run()
-        if not getattr(self, 'editable_mode', False):  # editable: EditableWheelWithPth below
-            os.makedirs(self.build_lib, exist_ok=True)
+        if self._pth_outputs():
             write_pth(self.build_lib)
 
     def get_outputs(self, include_bytecode: bool = True) -> list:
-        extra = [] if getattr(self, 'editable_mode', False) else [os.path.join(self.build_lib, PTH)]
-        return [*super().get_outputs(include_bytecode), *extra]
+        return [*super().get_outputs(include_bytecode), *self._pth_outputs()]
 
 
 cmdclass = {'build_py': BuildPyWithPth}
@@ -54,6 +54,7 @@ try:  # setuptools >= 64: `pip install -e` builds an editable wheel, which ignor
     cmdclass['editable_wheel'] = EditableWheelWithPth
 except ImportError:
     pass
+
 version = {}
 exec((here / 'basicsr_mambair' / 'version.py').read_text(), version)
 

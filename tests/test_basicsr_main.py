@@ -14,9 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 from helpers import REPO, free_port
-from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_train_options, write_options
+from tiny_experiments import TINY_NETWORK, make_sr_pairs, sr_test_options, sr_train_options, write_options
 
 from _basicsr_mambair_redirect import OPT_OUT, module_of
 
@@ -40,6 +39,7 @@ def test_the_module_is_read_from_the_interpreter_command_line(argv, module):
 
 
 def _env(**extra: str) -> dict[str, str]:
+    # not helpers.cli_env: that puts this checkout on PYTHONPATH, and the wheel's copy must be the one imported
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', OPT_OUT)}
     env.update(OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', **extra)
     return env
@@ -77,15 +77,6 @@ def wheel_python(tmp_path_factory) -> tuple[str, Path]:
     return python, purelib
 
 
-def _test_options(name: str, hr_dir: Path, lr_dir: Path, weights: Path) -> dict:
-    data = dict(type='PairedImageDataset', dataroot_gt=str(hr_dir), dataroot_lq=str(lr_dir),
-                io_backend=dict(type='disk'), filename_tmpl='{}')
-    return dict(name=name, model_type='MambaIRModel', scale=2, num_gpu=0, datasets=dict(test_1=dict(name='t', **data)),
-                network_g=TINY_NETWORK, path=dict(pretrain_network_g=str(weights), strict_load_g=True),
-                val=dict(save_img=True, suffix=None, metrics=dict(psnr=dict(type='calculate_psnr', crop_border=2,
-                                                                             test_y_channel=True))))
-
-
 @pytest.mark.slow
 def test_python_m_basicsr_train_and_test_run_ours_from_the_wheel(wheel_python, tmp_path):
     python, purelib = wheel_python
@@ -113,11 +104,10 @@ def test_python_m_basicsr_train_and_test_run_ours_from_the_wheel(wheel_python, t
     log = next((run / 'experiments' / 'ddp').glob('train_*.log')).read_text()
     assert 'World size (gpu number): 2' in log and 'End of training' in log
 
-    test_yml = tmp_path / 'test.yml'
-    test_yml.write_text(yaml.safe_dump(_test_options('tiny_test', hr_dir, lr_dir, weights)))
+    test_yml = write_options(tmp_path / 'test.yml', sr_test_options('tiny_test', hr_dir, lr_dir, TINY_NETWORK, weights))
     proc = _run(python, '-m', 'basicsr.test', '-opt', str(test_yml), cwd=run)
     assert 'running basicsr_mambair.test' in proc.stderr
-    assert len(list((run / 'results' / 'tiny_test' / 'visualization' / 't').glob('*.png'))) == 4
+    assert len(list((run / 'results' / 'tiny_test' / 'visualization' / 'pairs').glob('*.png'))) == 4
     assert 'psnr' in proc.stdout + proc.stderr
 
 

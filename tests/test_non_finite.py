@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 from helpers import TINY_MAMBAIR, run_cli, tiny_checkpoint
-from tiny_experiments import make_sr_pairs, sr_train_options, write_options
+from tiny_experiments import make_sr_pairs, sr_test_options, write_options
 
 from basicsr_mambair.api import load_model, restore
 from basicsr_mambair.errors import CheckpointError, ImageError
@@ -57,12 +57,8 @@ def test_nan_checkpoint_is_refused_at_load(weights, sr_data, tmp_path: Path) -> 
 
 def _test_options(tmp_path: Path, sr_data, weights: Path) -> Path:
     hr, lr = sr_data
-    opt = sr_train_options('nonfinite', hr, lr, dict(type='MambaIR', **TINY_MAMBAIR))
-    opt = {k: v for k, v in opt.items() if k != 'train'}
-    opt['datasets'] = {'test_1': dict(opt['datasets']['val'], name='pairs')}
-    opt['path'] = dict(pretrain_network_g=str(weights), strict_load_g=True)
-    opt['val'] = dict(opt['val'], save_img=True)
-    return write_options(tmp_path / 'test.yml', opt)
+    return write_options(tmp_path / 'test.yml',
+                         sr_test_options('nonfinite', hr, lr, dict(type='MambaIR', **TINY_MAMBAIR), weights))
 
 
 @pytest.mark.parametrize(('kind', 'message'), [('nan', f'tensor {NAN_KEY} holds 1 NaN/Inf'),

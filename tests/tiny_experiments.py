@@ -59,6 +59,16 @@ def sr_train_options(name: str, hr_dir: Path, lr_dir: Path, network: dict, scale
     )
 
 
+def sr_test_options(name: str, hr_dir: Path, lr_dir: Path, network: dict, weights: Path, scale: int = 2) -> dict:
+    """A test option dict for the ``network`` saved at ``weights``: :func:`sr_train_options`' validation pairs as
+    ``test_1`` (named ``pairs``), images saved."""
+    opt = {k: v for k, v in sr_train_options(name, hr_dir, lr_dir, network, scale=scale).items() if k != 'train'}
+    opt['datasets'] = {'test_1': dict(opt['datasets']['val'], name='pairs')}
+    opt['path'] = dict(pretrain_network_g=str(weights), strict_load_g=True)
+    opt['val'] = dict(opt['val'], save_img=True)
+    return opt
+
+
 def load_options(relative: str) -> dict:
     """A shipped option file (``options/<relative>``) as plain dicts."""
     return yaml.safe_load((Path(__file__).resolve().parents[1] / 'options' / relative).read_text())
